@@ -1,0 +1,1 @@
+"""VDSR super-resolution: MATLAB-exact conventions, data pipeline, models, training, evaluation."""

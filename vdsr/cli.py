@@ -1,0 +1,69 @@
+"""The ``vdsr`` command: ``vdsr evaluate`` and ``vdsr upscale`` (library code, no DVC)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vdsr import evaluate
+from vdsr.config import ParamsError
+from vdsr.images import ImageError
+from vdsr.io import write_json_atomic
+
+log = logging.getLogger("vdsr")
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="PSNR/SSIM (Y channel, border = scale) of bicubic or a trained model on a folder of HR images",
+    )
+    parser.add_argument("--images", required=True, type=Path, help="folder of HR images; its name is the dataset key")
+    parser.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4])
+    parser.add_argument("--model", default="bicubic", help="'bicubic' or the path of a trained model file")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
+    parser.add_argument("--json", type=Path, help="write {dataset: {x2: {psnr, ssim}}} here")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    if args.model == "bicubic":
+        upscaler = evaluate.bicubic_upscaler
+    else:
+        from vdsr.upscale import load_upscaler  # torch is imported only when a model is used
+
+        upscaler = load_upscaler(Path(args.model), args.device)
+    dataset = args.images.resolve().name
+    table = {dataset: evaluate.summary(evaluate.evaluate_folder(args.images, args.scales, upscaler))}
+    print(evaluate.format_table(table))
+    if args.json:
+        write_json_atomic(args.json, table)
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vdsr", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_evaluate(subparsers)
+    from vdsr.upscale import add_arguments as add_upscale_arguments
+
+    add_upscale_arguments(subparsers.add_parser("upscale", help="super-resolve your own images"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ImageError, ParamsError, ValueError, FileNotFoundError) as error:
+        print(f"vdsr {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Typed, validated configuration sections (one dataclass per ``params.yaml`` section).
+
+A stage declares its section as a dataclass; :func:`load_section` rejects unknown or missing keys
+and wrong types, and the dataclass's ``__post_init__`` checks ranges with :func:`require`. Errors
+name the file, the dotted key, what was expected and what was found, so a stage stops at its
+start instead of half-way through a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A ``params.yaml`` value is missing, unknown, of the wrong type or out of range."""
+
+
+def require(condition: bool, key: str, expected: str, value: Any) -> None:
+    """Raise :class:`ParamsError` for ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ParamsError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        require(value in choices, key, "one of " + ", ".join(map(repr, choices)), value)
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        require(isinstance(value, list), key, "a list", value)
+        return [_check_type(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, key)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{key}: expected {annotation}, got {value!r}")
+    if annotation is type(None):
+        require(value is None, key, "null", value)
+        return value
+    if annotation is bool:
+        require(isinstance(value, bool), key, "true or false", value)
+        return value
+    if annotation is int:
+        require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if annotation is float:
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if annotation is str:
+        require(isinstance(value, str), key, "a string", value)
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def from_dict(config_cls: type[T], values: Any, section: str) -> T:
+    """Build ``config_cls`` from a mapping, checking keys and types; ranges are checked by the class."""
+    require(isinstance(values, dict), section, "a mapping of keys to values", values)
+    hints = typing.get_type_hints(config_cls)
+    fields = {field.name: field for field in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ParamsError(f"{section}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{section}.{name}"
+        if name not in values:
+            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+            require(has_default, key, "a value (the key is missing)", None)
+            continue
+        kwargs[name] = _check_type(values[name], hints[name], key)
+    return config_cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole ``params.yaml`` as a dict; a clear error if it is missing or not YAML."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as error:
+        raise ParamsError(f"{path}: file not found") from error
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from error
+    require(isinstance(data, dict), str(path), "a mapping of sections", data)
+    return data
+
+
+def load_section(config_cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
+    """Read ``section`` of ``path`` into ``config_cls``; :class:`ParamsError` names file and key."""
+    params = load_params(path)
+    if section not in params:
+        raise ParamsError(f"{path}: section {section!r} is missing")
+    try:
+        return from_dict(config_cls, params[section], section)
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None
