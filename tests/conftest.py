@@ -36,3 +36,131 @@ def set5_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) ->
     for entry in manifest["sets"]["Set5"]:
         shutil.copyfile(shared_datasets / entry["path"], folder / entry["name"])
     return folder
+
+
+class LocalHTTPServer:
+    """A threaded ``http.server`` on 127.0.0.1 serving one folder; records each request's path."""
+
+    def __init__(self, directory: Path) -> None:
+        import functools
+        import http.server
+        import threading
+
+        self.requests: list[str] = []
+        requests = self.requests
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_request(self, code: object = "-", size: object = "-") -> None:
+                requests.append(self.path)
+
+            def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+                pass
+
+        handler = functools.partial(Handler, directory=str(directory))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def http_server():
+    """Factory: ``http_server(folder)`` starts a loopback server for ``folder``; stopped after the test."""
+    servers: list[LocalHTTPServer] = []
+
+    def start(directory: Path) -> LocalHTTPServer:
+        servers.append(LocalHTTPServer(directory))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def silent_server_url():
+    """Base URL of a socket on 127.0.0.1 that accepts connections but never answers (for timeouts)."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # the kernel completes handshakes; nobody ever reads or replies
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """Base URL of a port on 127.0.0.1 that nothing listens on (connections are refused)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "stages", "vdsr", "data/manifest.json", "data/.gitignore", ".dvcignore")
+
+
+def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run a command (no shell), fail the test with its output if it exits non-zero."""
+    import subprocess
+
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_params(params_file: Path, overrides: dict[str, dict]) -> None:
+    """Update sections of a params.yaml in place (keys of each section replaced)."""
+    import yaml
+
+    params = yaml.safe_load(params_file.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def pipeline_repo(tmp_path: Path, shared_datasets: Path):
+    """Factory: a fresh git + DVC repository holding this project's pipeline, with params overrides.
+
+    The mirror points at the local data copy, MLflow at a sqlite store inside the repo.
+    Returns (repo path, environment for subprocesses).
+    """
+    import shutil
+    import sys
+
+    def make(overrides: dict[str, dict]) -> tuple[Path, dict[str, str]]:
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        for name in PIPELINE_FILES:
+            source, target = REPO_ROOT / name, repo / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copyfile(source, target)
+        set_params(repo / "params.yaml", overrides)
+        env = {
+            **os.environ,
+            "VDSR_DATA_MIRROR": str(shared_datasets),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        run_checked(["git", "init", "-q", "-b", "main"], repo, env)
+        run_checked(["dvc", "init", "-q"], repo, env)
+        run_checked(["git", "add", "-A"], repo, env)
+        run_checked(["git", "commit", "-qm", "pipeline"], repo, env)
+        return repo, env
+
+    return make

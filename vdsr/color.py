@@ -84,7 +84,9 @@ def rgb2y(image: np.ndarray, *, channel_order: str = "rgb") -> np.ndarray:
     """
     if image.ndim == 2:
         return image
-    return rgb2ycbcr(image, channel_order=channel_order)[..., 0]
+    rgb = _to_unit_float(_rgb_view(image, channel_order))
+    luma = (rgb @ RGB_TO_YCBCR[0] + YCBCR_OFFSET[0]) / 255.0
+    return _from_unit_float(luma, image)
 
 
 def modcrop(image: np.ndarray, scale: int) -> np.ndarray:

@@ -6,8 +6,8 @@ by ``1/scale`` when shrinking (antialiasing, on by default as in MATLAB), symmet
 borders. PIL's and OpenCV's bicubic filters differ from it (no antialiasing, a = -0.75, other
 border rules) and give other PSNRs, which is why the field uses this one.
 
-Each axis is resized by one dense weight matrix, ``out = W @ in``; the matrices depend only on the
-sizes and the scale, so they are cached.
+Each axis is resized as a weighted sum of a few gathered input rows (``contributions``: the weights
+and indices depend only on the sizes and the scale, so they are cached).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ def cubic(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def resize_matrix(in_length: int, out_length: int, scale: float, antialiasing: bool = True) -> np.ndarray:
-    """The (out_length, in_length) float64 matrix that resizes one axis as MATLAB ``contributions``.
+def contributions(in_length: int, out_length: int, scale: float, antialiasing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and 0-based input indices, each (out_length, taps), of MATLAB ``contributions``.
 
     Follows ``imresize.m``: output pixel ``x`` (1-based) maps to input coordinate
     ``u = x / scale + 0.5 * (1 - 1 / scale)``; when shrinking with antialiasing the kernel is
-    ``scale * cubic(scale * d)`` over a width of ``4 / scale``; weights of each row are normalised
-    to sum to one; indices outside the image are mirrored (symmetric padding).
+    ``scale * cubic(scale * d)`` over a width of ``4 / scale``; the weights of each output pixel
+    are normalised to sum to one; indices outside the image are mirrored (symmetric padding);
+    taps whose weight is zero for every output pixel are dropped.
     """
     if scale < 1 and antialiasing:
         kernel_width = KERNEL_WIDTH / scale
@@ -55,10 +56,27 @@ def resize_matrix(in_length: int, out_length: int, scale: float, antialiasing: b
     # Symmetric padding: index sequence 1..n, n..1 repeated (MATLAB's aux / mod trick).
     mirror = np.concatenate([np.arange(in_length), np.arange(in_length - 1, -1, -1)])
     indices0 = mirror[np.mod(indices.astype(np.int64) - 1, 2 * in_length)]
+    used = np.any(weights != 0, axis=0)
+    weights, indices0 = weights[:, used], indices0[:, used]
+    weights.setflags(write=False)
+    indices0.setflags(write=False)
+    return weights, indices0
+
+
+def resize_matrix(in_length: int, out_length: int, scale: float, antialiasing: bool = True) -> np.ndarray:
+    """The dense (out_length, in_length) matrix ``W`` with ``resize(v) = W @ v`` along one axis."""
+    weights, indices = contributions(in_length, out_length, scale, antialiasing)
     matrix = np.zeros((out_length, in_length), dtype=np.float64)
-    np.add.at(matrix, (np.repeat(np.arange(out_length), taps), indices0.ravel()), weights.ravel())
-    matrix.setflags(write=False)
+    np.add.at(matrix, (np.repeat(np.arange(out_length), weights.shape[1]), indices.ravel()), weights.ravel())
     return matrix
+
+
+def _resize_axis0(data: np.ndarray, weights: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """out[i] = sum_k weights[i, k] * data[indices[i, k]] for a (L, ...) array."""
+    out = weights[:, 0, None] * data[indices[:, 0]]
+    for k in range(1, weights.shape[1]):
+        out += weights[:, k, None] * data[indices[:, k]]
+    return out
 
 
 def output_size(in_length: int, scale: float) -> int:
@@ -81,10 +99,11 @@ def imresize(image: np.ndarray, scale: float, *, antialiasing: bool = True) -> n
     height, width = image.shape[:2]
     out_height, out_width = output_size(height, scale), output_size(width, scale)
     data = image.astype(np.float64, copy=False)
-    rows = resize_matrix(height, out_height, float(scale), antialiasing)
-    cols = resize_matrix(width, out_width, float(scale), antialiasing)
-    out = np.tensordot(rows, data, axes=(1, 0))  # (out_h, W[, C])
-    out = np.moveaxis(np.tensordot(cols, out, axes=(1, 1)), 0, 1)  # (out_h, out_w[, C])
+    flat = data.reshape(height, -1)  # (H, W*C): resize rows first
+    rows = _resize_axis0(flat, *contributions(height, out_height, float(scale), antialiasing))
+    rows = rows.reshape(out_height, width, -1).transpose(1, 0, 2).reshape(width, -1)  # (W, out_h*C)
+    cols = _resize_axis0(rows, *contributions(width, out_width, float(scale), antialiasing))
+    out = cols.reshape(out_width, out_height, -1).transpose(1, 0, 2).reshape(out_height, out_width, *image.shape[2:])
     if image.dtype == np.uint8:
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(out)

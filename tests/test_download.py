@@ -1,0 +1,280 @@
+"""The download stage against real loopback HTTP servers and local folders (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vdsr.download import (
+    DownloadError,
+    Manifest,
+    ManifestError,
+    backoff_delay,
+    download_sets,
+    file_url,
+    load_manifest,
+    resolve_source,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = REPO_ROOT / "data" / "manifest.json"
+FAST = dict(workers=4, retries=1, timeout_s=5.0, backoff_s=0.01, progress=False)
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return load_manifest(MANIFEST)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def all_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def copy_mirror(manifest: Manifest, shared: Path, target: Path, sets: list[str]) -> Path:
+    """A writable copy of the source files of ``sets``, laid out like the public source."""
+    for set_name in sets:
+        for entry in manifest.sets[set_name]:
+            (target / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared / entry.path, target / entry.path)
+    return target
+
+
+def assert_exact(root: Path, manifest: Manifest, sets: list[str]) -> None:
+    """``root`` holds exactly the selected sets under canonical names, each with its manifest hash."""
+    expected = sorted(f"{s}/{e.name}" for s in sets for e in manifest.sets[s])
+    assert all_files(root) == expected
+    for set_name in sets:
+        for entry in manifest.sets[set_name]:
+            assert sha256(root / set_name / entry.name) == entry.sha256
+
+
+# --- over HTTP ----------------------------------------------------------------------------------
+
+
+def test_http_download_gives_verified_canonical_files(tmp_path, manifest, shared_datasets, http_server):
+    server = http_server(shared_datasets)
+    report = download_sets(manifest, ["Set5", "Set14"], tmp_path / "raw", source=server.url, **FAST)
+    assert_exact(tmp_path / "raw", manifest, ["Set5", "Set14"])
+    assert (report.fetched, report.skipped, report.removed) == (19, 0, 0)
+    assert (tmp_path / "raw" / "Set5" / "baby.png").is_file()
+    assert len(server.requests) == 19
+
+
+def test_second_run_fetches_nothing(tmp_path, manifest, shared_datasets, http_server):
+    server = http_server(shared_datasets)
+    download_sets(manifest, ["Set5"], tmp_path / "raw", source=server.url, **FAST)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "raw").rglob("*")}
+    requests_before = len(server.requests)
+
+    report = download_sets(manifest, ["Set5"], tmp_path / "raw", source=server.url, **FAST)
+    assert (report.fetched, report.skipped) == (0, 5)
+    assert len(server.requests) == requests_before
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "raw").rglob("*")} == mtimes
+
+
+def test_wrong_file_is_refetched_and_strays_are_removed(tmp_path, manifest, shared_datasets, http_server):
+    server = http_server(shared_datasets)
+    root = tmp_path / "raw"
+    download_sets(manifest, ["Set5"], root, source=server.url, **FAST)
+    (root / "Set5" / "bird.png").write_bytes(b"not the bird")
+    (root / "Set5" / "notes.txt").write_text("stray")
+    (root / "Set5" / ".bird.png.abc.tmp").write_bytes(b"left by a killed run")
+    (root / "T91").mkdir()
+    (root / "T91" / "t1.bmp").write_bytes(b"unselected set")
+    server.requests.clear()
+
+    report = download_sets(manifest, ["Set5"], root, source=server.url, **FAST)
+    assert_exact(root, manifest, ["Set5"])
+    assert server.requests == ["/data/set5/img_002.png"]
+    assert (report.fetched, report.skipped, report.removed) == (1, 4, 4)
+
+
+# --- local mirror -------------------------------------------------------------------------------
+
+
+def test_local_folder_mirror(tmp_path, manifest, shared_datasets):
+    source = resolve_source(manifest.base_url, str(shared_datasets))
+    assert source.startswith("file://")
+    download_sets(manifest, ["Set5"], tmp_path / "raw", source=source, **FAST)
+    assert_exact(tmp_path / "raw", manifest, ["Set5"])
+
+
+def test_mirror_choice(tmp_path, manifest):
+    assert resolve_source(manifest.base_url, None) == manifest.base_url
+    assert resolve_source(manifest.base_url, "http://127.0.0.1:8765") == "http://127.0.0.1:8765/"
+    with pytest.raises(DownloadError, match="VDSR_DATA_MIRROR"):
+        resolve_source(manifest.base_url, str(tmp_path / "missing"))
+    entry = manifest.sets["Set5"][0]
+    assert file_url(manifest.base_url, entry) == manifest.base_url + entry.path
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+def test_corrupted_file_is_reported_and_not_left_behind(tmp_path, manifest, shared_datasets, http_server):
+    mirror = copy_mirror(manifest, shared_datasets, tmp_path / "mirror", ["Set5"])
+    bird = mirror / "data/set5/img_002.png"
+    data = bytearray(bird.read_bytes())
+    data[1000] ^= 0xFF
+    bird.write_bytes(bytes(data))
+    server = http_server(mirror)
+    root = tmp_path / "raw"
+
+    with pytest.raises(DownloadError) as caught:
+        download_sets(manifest, ["Set5"], root, source=server.url, **FAST)
+    message = str(caught.value)
+    assert "1 of 5" in message and "Set5/bird.png" in message and "sha256 mismatch" in message
+    assert f"{server.url}data/set5/img_002.png" in message
+    assert all_files(root) == ["Set5/baby.png", "Set5/butterfly.png", "Set5/head.png", "Set5/woman.png"]
+
+
+def test_404_is_clear_and_not_retried(tmp_path, manifest, shared_datasets, http_server):
+    mirror = copy_mirror(manifest, shared_datasets, tmp_path / "mirror", ["Set5"])
+    (mirror / "data/set5/img_005.png").unlink()
+    server = http_server(mirror)
+
+    with pytest.raises(DownloadError) as caught:
+        download_sets(manifest, ["Set5"], tmp_path / "raw", source=server.url, **{**FAST, "retries": 3})
+    message = str(caught.value)
+    assert "Set5/woman.png: HTTP 404" in message and f"{server.url}data/set5/img_005.png" in message
+    assert server.requests.count("/data/set5/img_005.png") == 1
+    assert all_files(tmp_path / "raw" / "Set5") == ["baby.png", "bird.png", "butterfly.png", "head.png"]
+
+
+def test_missing_file_in_local_mirror(tmp_path, manifest, shared_datasets):
+    mirror = copy_mirror(manifest, shared_datasets, tmp_path / "mirror", ["Set5"])
+    (mirror / "data/set5/img_001.png").unlink()
+    with pytest.raises(DownloadError, match=r"Set5/baby.png: not found in the mirror folder.*img_001\.png"):
+        download_sets(manifest, ["Set5"], tmp_path / "raw", source=resolve_source("", str(mirror)), **FAST)
+
+
+def test_unreachable_host_fails_fast_naming_every_file(tmp_path, manifest, closed_port_url):
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as caught:
+        download_sets(manifest, ["Set5"], tmp_path / "raw", source=closed_port_url, **FAST)
+    assert time.monotonic() - start < 5
+    message = str(caught.value)
+    assert "5 of 5" in message and "cannot connect" in message and "after 2 attempt(s)" in message
+    for entry in manifest.sets["Set5"]:
+        assert f"Set5/{entry.name}" in message and closed_port_url + entry.path in message
+    assert all_files(tmp_path / "raw") == []
+
+
+def test_silent_server_times_out(tmp_path, manifest, silent_server_url):
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as caught:
+        download_sets(
+            manifest, ["Set5"], tmp_path / "raw", source=silent_server_url, **{**FAST, "workers": 5, "timeout_s": 0.3}
+        )
+    assert time.monotonic() - start < 5
+    assert "Set5/baby.png: timed out after 0.3 s" in str(caught.value)
+    assert all_files(tmp_path / "raw") == []
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff_delay(i, 0.5) for i in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff_delay(20, 0.5) == backoff_delay(5000, 0.5) == 30.0
+
+
+# --- safety -------------------------------------------------------------------------------------
+
+
+def write_manifest(path: Path, entry: dict) -> Path:
+    path.write_text(json.dumps({"base_url": "http://127.0.0.1:1/", "sets": {"Set5": [entry]}}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", "../x"),
+        ("name", "/abs"),
+        ("name", "a/b"),
+        ("name", ".."),
+        ("path", "../etc/passwd"),
+        ("path", "/etc/passwd"),
+        ("path", "data/../../x"),
+        ("path", "data//x"),
+        ("sha256", "abc"),
+    ],
+)
+def test_malicious_manifest_is_refused(tmp_path, field, value):
+    entry = {"name": "baby.png", "path": "data/set5/img_001.png", "sha256": "0" * 64, field: value}
+    with pytest.raises(ManifestError, match=field):
+        load_manifest(write_manifest(tmp_path / "manifest.json", entry))
+
+
+def test_symlink_escape_is_refused(tmp_path, manifest):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "raw"
+    root.mkdir()
+    (root / "Set5").symlink_to(outside)
+    with pytest.raises(DownloadError, match="outside"):
+        download_sets(manifest, ["Set5"], root, source="http://127.0.0.1:1/", **FAST)
+    assert list(outside.iterdir()) == []
+    assert (root / "Set5").is_symlink()
+
+
+# --- the stage script ---------------------------------------------------------------------------
+
+
+def run_stage(workdir: Path, params: str, mirror: str) -> subprocess.CompletedProcess:
+    (workdir / "data").mkdir(exist_ok=True)
+    shutil.copyfile(MANIFEST, workdir / "data" / "manifest.json")
+    (workdir / "params.yaml").write_text(params)
+    env = {**os.environ, "VDSR_DATA_MIRROR": mirror}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "download.py")],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_stage_downloads_from_mirror(tmp_path, manifest, shared_datasets):
+    params = "download:\n  sets: [Set5]\n  workers: 2\n  retries: 0\n  timeout_s: 5\n"
+    result = run_stage(tmp_path, params, str(shared_datasets))
+    assert result.returncode == 0, result.stderr
+    assert f"VDSR_DATA_MIRROR={shared_datasets}" in result.stderr
+    assert "fetched 5, skipped 0" in result.stderr
+    assert_exact(tmp_path / "data" / "raw", manifest, ["Set5"])
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("workers: 0", "download.workers"),
+        ("sets: [Set6]", "download.sets[0]"),
+        ("timeout_s: -1", "download.timeout_s"),
+        ("retries: many", "download.retries"),
+    ],
+)
+def test_stage_rejects_bad_params(tmp_path, shared_datasets, line, key):
+    values = {"sets": "[Set5]", "workers": "2", "retries": "0", "timeout_s": "5"}
+    name, value = line.split(": ")
+    values[name] = value
+    params = "download:\n" + "".join(f"  {k}: {v}\n" for k, v in values.items())
+    result = run_stage(tmp_path, params, str(shared_datasets))
+    assert result.returncode != 0
+    assert f"download: error: params.yaml: {key}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_stage_reports_download_failure(tmp_path, closed_port_url):
+    params = "download:\n  sets: [Set5]\n  workers: 5\n  retries: 0\n  timeout_s: 2\n"
+    result = run_stage(tmp_path, params, closed_port_url)
+    assert result.returncode != 0
+    assert "download: error: 5 of 5 file(s) failed" in result.stderr and closed_port_url in result.stderr
+    assert "Traceback" not in result.stderr

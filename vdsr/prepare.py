@@ -1,0 +1,212 @@
+"""Training and validation data: multi-scale Y-channel patches in HDF5 (VDSR's ``generate_train.m``).
+
+For each training image, each down-sizing factor ``f`` and each scale ``s`` (VDSR, section 4.1):
+
+1. the RGB image is shrunk by ``f`` with MATLAB ``imresize`` (uint8, as MATLAB; f = 1 keeps it);
+2. HR = its uint8 luma (MATLAB ``rgb2ycbcr``), mod-cropped to ``s`` (:func:`vdsr.evaluate.hr_luma`);
+3. LR = ``imresize(imresize(HR / 255, 1/s), s)``, the network input (:func:`vdsr.evaluate.degrade`);
+4. aligned ``patch_size`` patches of both are cut on a grid of ``stride`` from the top-left corner.
+
+All scales go into one file (multi-scale training); flips and rotations are applied on the fly by
+the training loop, not stored. Images are processed by a pool of workers and appended to the file
+by one writer, so memory stays bounded by a few images whatever the size of the set. Files are
+written under a temporary name and renamed when complete.
+
+Layout of ``train.h5`` (NCHW, one channel):
+
+- ``lr``    (N, 1, P, P) float16  network input, Y / 255 (bicubic-degraded, unclipped, ~[0.06, 0.92])
+- ``hr``    (N, 1, P, P) uint8    ground-truth luma Y in [16, 235]; the target is ``hr / 255``
+- ``scale`` (N,)         uint8    the scale the pair was made for
+- chunks of (64, 1, P, P) / (4096,), no compression; attributes ``params`` (JSON of the arguments),
+  ``sources`` (JSON {file name: sha256}), ``patches_per_scale`` (JSON), ``layout``.
+
+Layout of ``val.h5``: group ``x{s}`` per scale, in it one group per image name with ``lr``
+(H, W) float32 (network input, as above) and ``hr`` (H, W) uint8; attribute ``sources``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from vdsr.color import modcrop, rgb2y
+from vdsr.evaluate import degrade, hr_luma
+from vdsr.images import ImageError, read_image
+from vdsr.io import atomic_path
+from vdsr.resize import imresize
+
+log = logging.getLogger(__name__)
+
+PATCH_CHUNK = 64  # patches per HDF5 chunk: one training batch reads a few chunks
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """All training patches in memory (see the module docstring for dtypes and ranges)."""
+
+    lr: np.ndarray  # (N, 1, P, P) float16, Y / 255
+    hr: np.ndarray  # (N, 1, P, P) uint8, Y in [16, 235]
+    scale: np.ndarray  # (N,) uint8
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def grid_patches(image: np.ndarray, patch_size: int, stride: int) -> np.ndarray:
+    """(n, P, P) patches of a (H, W) array at rows/columns 0, stride, 2*stride, ... that fit."""
+    if image.shape[0] < patch_size or image.shape[1] < patch_size:
+        return np.empty((0, patch_size, patch_size), dtype=image.dtype)
+    windows = np.lib.stride_tricks.sliding_window_view(image, (patch_size, patch_size))[::stride, ::stride]
+    return windows.reshape(-1, patch_size, patch_size)
+
+
+def image_patches(
+    image: np.ndarray, *, scales: Sequence[int], downsizing: Sequence[float], patch_size: int, stride: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (scale, lr (n, P, P) float16, hr (n, P, P) uint8) for every down-sizing and scale."""
+    for factor in downsizing:
+        luma = rgb2y(image if factor == 1.0 else imresize(image, factor))
+        for scale in scales:
+            hr = modcrop(luma, scale)  # = hr_luma(shrunk, scale), the luma computed once
+            lr = degrade(hr, scale)
+            yield scale, grid_patches(lr, patch_size, stride).astype(np.float16), grid_patches(hr, patch_size, stride)
+
+
+def _patches_of_file(task: tuple[Path, dict]) -> tuple[str, str, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Worker: read one image, check its size, cut all its patches."""
+    path, options = task
+    image = read_image(path)
+    if min(image.shape[:2]) < options["patch_size"]:
+        raise ImageError(
+            f"{path}: image is {image.shape[1]}x{image.shape[0]}, smaller than a "
+            f"{options['patch_size']}x{options['patch_size']} patch (prepare.patch_size)"
+        )
+    return path.name, sha256_file(path), list(image_patches(image, **options))
+
+
+def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
+    start = dataset.shape[0]
+    dataset.resize(start + rows.shape[0], axis=0)
+    dataset[start:] = rows
+
+
+def write_training_set(
+    image_paths: Sequence[Path],
+    out_path: str | Path,
+    *,
+    scales: Sequence[int],
+    downsizing: Sequence[float],
+    patch_size: int,
+    stride: int,
+    workers: int = 1,
+) -> dict[str, int]:
+    """Write ``train.h5`` (layout in the module docstring); return the patch count per scale.
+
+    Raises :class:`ImageError` naming the file for an unreadable image or one smaller than a
+    patch, and ``ValueError`` when no patch at all could be cut; ``out_path`` is then untouched.
+    """
+    if not image_paths:
+        raise ValueError("empty training set: no training images were given (prepare.train_sets)")
+    options = {"scales": list(scales), "downsizing": list(downsizing), "patch_size": patch_size, "stride": stride}
+    counts = {f"x{s}": 0 for s in scales}
+    sources: dict[str, str] = {}
+    tasks = [(Path(p), options) for p in image_paths]
+    shape = (0, 1, patch_size, patch_size)
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w", track_order=True) as h5:
+        lr = h5.create_dataset("lr", shape, np.float16, maxshape=(None, *shape[1:]),
+                               chunks=(PATCH_CHUNK, *shape[1:]), track_times=False)
+        hr = h5.create_dataset("hr", shape, np.uint8, maxshape=(None, *shape[1:]),
+                               chunks=(PATCH_CHUNK, *shape[1:]), track_times=False)
+        scale_of = h5.create_dataset("scale", (0,), np.uint8, maxshape=(None,), chunks=(4096,), track_times=False)
+        with _pool(workers) as pool:
+            results = pool.imap(_patches_of_file, tasks) if pool else map(_patches_of_file, tasks)
+            for name, digest, per_scale in tqdm(results, total=len(tasks), desc="prepare", unit="img"):
+                sources[name] = digest
+                for scale, lr_patches, hr_patches in per_scale:
+                    _append(lr, lr_patches[:, None])
+                    _append(hr, hr_patches[:, None])
+                    _append(scale_of, np.full(len(hr_patches), scale, np.uint8))
+                    counts[f"x{scale}"] += len(hr_patches)
+        if lr.shape[0] == 0:
+            raise ValueError(f"empty training set: no {patch_size}x{patch_size} patch in {len(tasks)} images")
+        h5.attrs["params"] = json.dumps(options, sort_keys=True)
+        h5.attrs["sources"] = json.dumps(sources, sort_keys=True)
+        h5.attrs["patches_per_scale"] = json.dumps(counts)
+        h5.attrs["layout"] = "NCHW; lr float16 Y/255 network input; hr uint8 Y in [16,235]; scale uint8"
+    return counts
+
+
+class _pool:
+    """A process pool for ``workers > 1``, else None (serial, easier to debug and profile)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: multiprocessing.pool.Pool | None = None
+
+    def __enter__(self) -> multiprocessing.pool.Pool | None:
+        if self.workers > 1:
+            self.pool = multiprocessing.Pool(self.workers)
+        return self.pool
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def write_validation_set(image_paths: Sequence[Path], out_path: str | Path, *, scales: Sequence[int]) -> None:
+    """Write ``val.h5``: whole validation images per scale (layout in the module docstring)."""
+    if not image_paths:
+        raise ValueError("empty validation set: no validation images were given (prepare.val_set)")
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w", track_order=True) as h5:
+        sources = {}
+        for path in image_paths:
+            image = read_image(path)
+            sources[Path(path).name] = sha256_file(path)
+            for scale in scales:
+                group = h5.require_group(f"x{scale}").create_group(Path(path).stem)
+                hr = hr_luma(image, scale)
+                group.create_dataset("lr", data=degrade(hr, scale).astype(np.float32), track_times=False)
+                group.create_dataset("hr", data=hr, track_times=False)
+        h5.attrs["sources"] = json.dumps(sources, sort_keys=True)
+
+
+def load_patches(path: str | Path) -> PatchSet:
+    """Read all of ``train.h5`` into memory; a clear error if it is missing or not in this layout."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            patches = PatchSet(lr=h5["lr"][...], hr=h5["hr"][...], scale=h5["scale"][...])
+    except (OSError, KeyError) as error:
+        raise ValueError(f"{path}: not a training patch file (datasets lr, hr, scale): {error}") from None
+    if not (patches.lr.shape == patches.hr.shape and patches.lr.shape[0] == patches.scale.shape[0]):
+        raise ValueError(f"{path}: lr {patches.lr.shape}, hr {patches.hr.shape}, scale {patches.scale.shape} disagree")
+    return patches
+
+
+def load_validation(path: str | Path) -> dict[int, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """``{scale: [(image name, lr (H, W) float32, hr (H, W) uint8), ...]}`` from ``val.h5``."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            return {
+                int(key[1:]): [(name, group["lr"][...], group["hr"][...]) for name, group in h5[key].items()]
+                for key in h5
+            }
+    except (OSError, KeyError) as error:
+        raise ValueError(f"{path}: not a validation file (groups x<scale>/<image>/lr, hr): {error}") from None
