@@ -1,0 +1,36 @@
+"""``vdsr evaluate`` with the bicubic model: the same numbers as the baseline stage's code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vdsr.cli import main
+from vdsr.evaluate import bicubic_upscaler, evaluate_folder, summary
+
+
+def test_evaluate_bicubic_prints_table_and_writes_json(set5_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out" / "set5.json"
+    assert main(["evaluate", "--images", str(set5_dir), "--scales", "2", "4", "--model", "bicubic", "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table == {"Set5": summary(evaluate_folder(set5_dir, [2, 4], bicubic_upscaler))}
+    assert table["Set5"]["x2"]["psnr"] == pytest.approx(33.66, abs=0.01)
+    printed = capsys.readouterr().out
+    assert "Set5" in printed and "33.66" in printed and "28.42" in printed
+
+
+def test_evaluate_errors_name_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "empty")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{tmp_path / 'empty'}: no image files" in result.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    result = subprocess.run([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "bad")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "x.png: not a readable image" in result.stderr
