@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vdsr.config import ParamsError, load_section, require
 from vdsr.download import MIRROR_ENV, DownloadError, ManifestError, download_sets, load_manifest, resolve_source
+from vdsr.io import describe_os_error
 
 MANIFEST = Path("data/manifest.json")
 RAW_DIR = Path("data/raw")  # also the stage's `outs` in dvc.yaml
@@ -61,6 +62,9 @@ def main() -> int:
         )
     except (ParamsError, ManifestError, DownloadError) as error:
         print(f"download: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a read-only or full data/raw: the file and the reason, no traceback
+        print(f"download: error: {describe_os_error(error)}", file=sys.stderr)
         return 1
     log.info(
         "download: fetched %d, skipped %d (already verified), removed %d stray -> %s/{%s}",

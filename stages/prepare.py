@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError, list_images
+from vdsr.io import atomic_path, describe_os_error
 from vdsr.prepare import write_training_set, write_validation_set
 
 RAW_DIR = Path("data/raw")
@@ -60,20 +61,27 @@ def main() -> int:
         log.info("prepare: params %s", dataclasses.asdict(params))
         train_images = [path for name in params.train_sets for path in list_images(RAW_DIR / name)]
         val_images = list_images(RAW_DIR / params.val_set)
+        for stale in PREPARED_DIR.glob(".*.h5.*.tmp"):  # temporary files of a killed run (kill -9 skips cleanup)
+            stale.unlink()
 
         started = time.perf_counter()
-        counts = write_training_set(
-            train_images,
-            PREPARED_DIR / "train.h5",
-            scales=params.scales,
-            downsizing=params.downsizing,
-            patch_size=params.patch_size,
-            stride=params.stride,
-            workers=params.workers,
-        )
-        write_validation_set(val_images, PREPARED_DIR / "val.h5", scales=params.scales)
+        # val.h5 is renamed into place only after train.h5: a failure leaves both previous files.
+        with atomic_path(PREPARED_DIR / "val.h5") as val_tmp:
+            write_validation_set(val_images, val_tmp, scales=params.scales)
+            counts = write_training_set(
+                train_images,
+                PREPARED_DIR / "train.h5",
+                scales=params.scales,
+                downsizing=params.downsizing,
+                patch_size=params.patch_size,
+                stride=params.stride,
+                workers=params.workers,
+            )
     except (ParamsError, ImageError, ValueError) as error:
         print(f"prepare: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # disk full, read-only folder, ...: the file and the reason, no traceback
+        print(f"prepare: error: {describe_os_error(error)}", file=sys.stderr)
         return 1
     total = sum(counts.values())
     log.info(

@@ -105,7 +105,7 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "stages", "vdsr", "data/manifest.json", "data/.gitignore", ".dvcignore")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore", ".dvcignore")
 
 
 def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):

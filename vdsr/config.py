@@ -56,12 +56,22 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
         return value
     if annotation is float:
+        if isinstance(value, str) and _looks_numeric(value):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+            raise ParamsError(f"{key}: expected a number, got the string {value!r} (write 1.0e-4, not 1e-4)")
         require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
         return float(value)
     if annotation is str:
         require(isinstance(value, str), key, "a string", value)
         return value
     raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def from_dict(config_cls: type[T], values: Any, section: str) -> T:
@@ -83,11 +93,30 @@ def from_dict(config_cls: type[T], values: Any, section: str) -> T:
     return config_cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden: not a repeat
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"found key {key!r} twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """The whole ``params.yaml`` as a dict; a clear error if it is missing or not YAML."""
+    """The whole ``params.yaml`` as a dict; a clear error if it is missing, not YAML or repeats a key."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as file:  # bytes: PyYAML names the file in its marks and rejects bad UTF-8
+            data = yaml.load(file, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError as error:
         raise ParamsError(f"{path}: file not found") from error
     except yaml.YAMLError as error:

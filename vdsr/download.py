@@ -47,7 +47,7 @@ from urllib.error import HTTPError, URLError
 
 from tqdm import tqdm
 
-from vdsr.io import atomic_path
+from vdsr.io import atomic_path, describe_os_error
 
 MIRROR_ENV = "VDSR_DATA_MIRROR"  # environment variable that replaces the manifest's base_url
 MAX_BACKOFF_S = 30.0  # longest wait between two attempts, whatever the number of retries
@@ -226,6 +226,8 @@ def _describe(error: BaseException, timeout_s: float) -> str:
     """A short reason for a failed attempt, for the error report."""
     if isinstance(error, HTTPError):
         return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, OSError) and not isinstance(error, URLError) and error.filename:
+        return describe_os_error(error)  # writing here failed (a read-only or full data/raw)
     reason = error.reason if isinstance(error, URLError) else error
     if isinstance(reason, TimeoutError):
         return f"timed out after {timeout_s:g} s"

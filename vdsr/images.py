@@ -34,6 +34,8 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as error:  # not an OSError: a header claiming > 179 Mpixels
+        raise ImageError(f"{path}: too large to read ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{path}: not a readable image ({error})") from None
 

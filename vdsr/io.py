@@ -19,13 +19,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # a read-only or full folder: name the file asked for, not a random one
+        raise OSError(error.errno, error.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename == str(tmp):  # a full disk, ...: name the file asked for, not the temporary one
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -36,9 +43,18 @@ def _umask() -> int:
     return mask
 
 
+def describe_os_error(error: OSError) -> str:
+    """``<file>: <reason>`` for a stage's error line (``[Errno 28] ...: '<file>'`` reads worse)."""
+    reason = error.strerror or str(error)
+    return reason if error.filename is None else f"{error.filename}: {reason}"
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        try:
+            tmp.write_text(text)
+        except OSError as error:  # disk full, file size limit: the error names no file by itself
+            raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -26,7 +26,9 @@ Layout of ``val.h5``: group ``x{s}`` per scale, in it one group per image name w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -99,6 +101,74 @@ def _patches_of_file(task: tuple[Path, dict]) -> tuple[str, str, list[tuple[int,
     return path.name, sha256_file(path), list(image_patches(image, **options))
 
 
+class _KeepFirstWriteError:
+    """A binary file for h5py's ``fileobj`` driver that keeps the first ``OSError`` of a write.
+
+    HDF5 (2.0, through h5py 3.16) crashes the process -- a segmentation fault when the file or
+    the library is closed -- once the OS has refused one of its writes (disk full, file size
+    limit). Through this object HDF5 never sees a failure: the first error is kept, later writes
+    are dropped and reads past what was written come back as zeros, so HDF5 closes cleanly and
+    the writer raises the kept error instead (:meth:`check`), naming ``name``.
+    """
+
+    def __init__(self, file: io.FileIO, name: Path) -> None:
+        self.file, self.name, self.error = file, name, None
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                while view:  # an unbuffered write may be short; the next one then fails
+                    view = view[self.file.write(view) :]
+            except OSError as error:
+                self.error = error
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        if self.error is not None and 0 <= len(data) < size:
+            data += bytes(size - len(data))
+        return data
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.file.truncate(size)
+            except OSError as error:
+                self.error = error
+        return self.file.tell() if size is None else size
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write has reached the OS
+
+    def check(self) -> None:
+        """Raise the kept error as ``OSError(errno, reason, name)``."""
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror or str(self.error), str(self.name))
+
+
+@contextlib.contextmanager
+def _new_h5(out_path: str | Path) -> Iterator[tuple[h5py.File, _KeepFirstWriteError]]:
+    """A new HDF5 file written under a temporary name and renamed onto ``out_path`` when complete.
+
+    A refused write (disk full, ...) raises ``OSError`` naming ``out_path`` once HDF5 has closed
+    the file; the temporary file is removed and ``out_path`` keeps its previous content.
+    """
+    with atomic_path(out_path) as tmp, open(tmp, "r+b", buffering=0) as raw:
+        sink = _KeepFirstWriteError(raw, Path(out_path))
+        try:
+            with h5py.File(sink, "w", track_order=True) as h5:
+                yield h5, sink
+        finally:
+            sink.check()  # also when the block failed: a full disk explains most later errors
+
+
 def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
     start = dataset.shape[0]
     dataset.resize(start + rows.shape[0], axis=0)
@@ -127,7 +197,7 @@ def write_training_set(
     sources: dict[str, str] = {}
     tasks = [(Path(p), options) for p in image_paths]
     shape = (0, 1, patch_size, patch_size)
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w", track_order=True) as h5:
+    with _new_h5(out_path) as (h5, sink):
         lr = h5.create_dataset("lr", shape, np.float16, maxshape=(None, *shape[1:]),
                                chunks=(PATCH_CHUNK, *shape[1:]), track_times=False)
         hr = h5.create_dataset("hr", shape, np.uint8, maxshape=(None, *shape[1:]),
@@ -142,6 +212,7 @@ def write_training_set(
                     _append(hr, hr_patches[:, None])
                     _append(scale_of, np.full(len(hr_patches), scale, np.uint8))
                     counts[f"x{scale}"] += len(hr_patches)
+                sink.check()  # stop at the first refused write, not after the last image
         if lr.shape[0] == 0:
             raise ValueError(f"empty training set: no {patch_size}x{patch_size} patch in {len(tasks)} images")
         h5.attrs["params"] = json.dumps(options, sort_keys=True)
@@ -173,16 +244,22 @@ def write_validation_set(image_paths: Sequence[Path], out_path: str | Path, *, s
     """Write ``val.h5``: whole validation images per scale (layout in the module docstring)."""
     if not image_paths:
         raise ValueError("empty validation set: no validation images were given (prepare.val_set)")
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w", track_order=True) as h5:
+    with _new_h5(out_path) as (h5, sink):
         sources = {}
         for path in image_paths:
             image = read_image(path)
             sources[Path(path).name] = sha256_file(path)
             for scale in scales:
-                group = h5.require_group(f"x{scale}").create_group(Path(path).stem)
                 hr = hr_luma(image, scale)
+                if min(hr.shape) <= 2 * scale:  # PSNR shaves `scale` pixels from each side
+                    raise ImageError(
+                        f"{path}: image is {image.shape[1]}x{image.shape[0]}, too small to validate x{scale} "
+                        f"(more than {2 * scale} pixels per side needed after mod-crop)"
+                    )
+                group = h5.require_group(f"x{scale}").create_group(Path(path).stem)
                 group.create_dataset("lr", data=degrade(hr, scale).astype(np.float32), track_times=False)
                 group.create_dataset("hr", data=hr, track_times=False)
+            sink.check()
         h5.attrs["sources"] = json.dumps(sources, sort_keys=True)
 
 

@@ -1,0 +1,180 @@
+"""Stage ``train``: params ``train`` + data/prepared/{train,val}.h5 -> models/model.pt and the
+training record (metrics/train.json, plots/train.csv, checkpoints/last.pt, an MLflow run whose id
+goes to models/mlflow_run.json). Run from the repository root: ``python stages/train.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from vdsr import tracking
+from vdsr.config import ParamsError, load_params, load_section, require
+from vdsr.io import write_json_atomic, write_text_atomic
+from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
+from vdsr.prepare import load_patches, load_validation, sha256_file
+from vdsr.train import CheckpointError, TrainConfig, train
+
+log = logging.getLogger("stages.train")
+
+PARAMS_FILE = Path("params.yaml")
+TRAIN_FILE = Path("data/prepared/train.h5")
+VAL_FILE = Path("data/prepared/val.h5")
+MODEL_FILE = Path("models/model.pt")
+RUN_FILE = Path("models/mlflow_run.json")
+CHECKPOINT_FILE = Path("checkpoints/last.pt")
+METRICS_FILE = Path("metrics/train.json")
+PLOT_FILE = Path("plots/train.csv")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The ``train`` section of params.yaml; every key is required (see the comments there)."""
+
+    model: Literal["vdsr", "srcnn"]
+    depth: int
+    width: int
+    optimizer: Literal["sgd", "adam"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_step_epochs: int
+    lr_gamma: float
+    epochs: int
+    batch_size: int
+    clip: Literal["adjustable", "norm", "none"]
+    clip_theta: float
+    augment: bool
+    steps_per_epoch: int
+    seed: int
+    device: str
+
+    def __post_init__(self) -> None:
+        require(self.depth >= 3, "train.depth", "an integer >= 3", self.depth)
+        require(self.width >= 2, "train.width", "an integer >= 2", self.width)
+        require(self.lr > 0, "train.lr", "a number > 0", self.lr)
+        require(0 <= self.momentum < 1, "train.momentum", "a number in [0, 1)", self.momentum)
+        require(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
+        require(self.lr_step_epochs >= 1, "train.lr_step_epochs", "an integer >= 1", self.lr_step_epochs)
+        require(0 < self.lr_gamma <= 1, "train.lr_gamma", "a number in (0, 1]", self.lr_gamma)
+        require(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        require(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        require(self.clip_theta > 0, "train.clip_theta", "a number > 0", self.clip_theta)
+        require(self.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", self.steps_per_epoch)
+        require(self.seed >= 0, "train.seed", "an integer >= 0", self.seed)
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device",
+                "auto, cpu, cuda or cuda:N", self.device)
+
+
+def write_plot_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """plots/train.csv: epoch, train_loss, lr and one val_psnr_x<s> column per validated scale."""
+    columns = ["epoch", "train_loss", "lr", *sorted(k for k in history[0] if k.startswith("val_psnr_x"))]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        train_stage()
+    except (ParamsError, CheckpointError, ModelFileError, ValueError, OSError) as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_stage() -> None:
+    p = load_section(TrainParams, "train", PARAMS_FILE)
+    all_params = load_params(PARAMS_FILE)  # as given: all of it to MLflow, the train section to the model file
+    section = all_params["train"]
+
+    # SRCNN is always 9-5-5; train.width sets its n1 (64: the paper's 64/32 channels).
+    if p.model == "srcnn":
+        log.info("model srcnn: train.depth (%d) is not used, SRCNN has 3 layers (9-5-5)", p.depth)
+    model_config = ModelConfig(name=p.model, depth=p.depth if p.model == "vdsr" else 3, width=p.width)
+    config = TrainConfig(
+        optimizer=p.optimizer, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
+        lr_step_epochs=p.lr_step_epochs, lr_gamma=p.lr_gamma, epochs=p.epochs, batch_size=p.batch_size,
+        clip=p.clip, clip_theta=p.clip_theta, augment=p.augment, steps_per_epoch=p.steps_per_epoch, seed=p.seed,
+    )
+
+    patches = load_patches(TRAIN_FILE)
+    validation = load_validation(VAL_FILE)
+    train_sha256, val_sha256 = sha256_file(TRAIN_FILE), sha256_file(VAL_FILE)
+    log.info("loaded %d patches of %dx%d from %s (scales %s), validation %s from %s",
+             len(patches.lr), *patches.lr.shape[2:], TRAIN_FILE, sorted(set(patches.scale.tolist())),
+             {f"x{s}": len(images) for s, images in validation.items()}, VAL_FILE)
+    log.info("%s: %d parameters, receptive field %d px", model_config,
+             count_parameters(build_model(model_config)), receptive_field(model_config))
+    if receptive_field(model_config) > patches.lr.shape[-1]:
+        log.warning("WARNING: the receptive field (%d px) is larger than the %d px patches: border pixels see "
+                    "zero padding in training (the paper matches them: 41 px for 20 layers)",
+                    receptive_field(model_config), patches.lr.shape[-1])
+
+    repo_root = Path.cwd()
+    tags = tracking.reproducibility_tags(repo_root)
+    tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256})
+    started = time.perf_counter()
+    with tracking.start_run(repo_root=repo_root, params=all_params, tags=tags) as run:
+
+        def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
+            run.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch)
+
+        result = train(
+            patches.lr, patches.hr, validation, model_config, config,
+            device=p.device, checkpoint_path=CHECKPOINT_FILE, data_id=f"{train_sha256}+{val_sha256}",
+            on_epoch_end=on_epoch_end,
+        )
+        for row in result.history[: result.resumed_from]:  # epochs of an earlier, interrupted run
+            on_epoch_end(int(row["epoch"]), row)
+        if result.resumed_from:
+            run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
+
+        history = result.history
+        final = history[-1]
+        metrics = {
+            "train_loss": final["train_loss"],
+            **{key: round(value, 4) for key, value in final.items() if key.startswith("val_psnr_x")},
+            "epochs": len(history),
+            "wall_time_s": round(sum(row["time_s"] for row in history), 1),  # all epochs, resumed ones too
+            "patches_per_s": round(statistics.median(row["patches_per_s"] for row in history), 1),
+        }
+        meta = {
+            "mlflow_run_id": run.run_id,
+            "seed": p.seed,
+            "epochs": len(history),
+            "train_data_sha256": train_sha256,
+            "val_data_sha256": val_sha256,
+            "git_commit": tags.get("git.commit"),
+            "git_dirty": tags.get("git.dirty"),
+            "params": dict(section),
+            "metrics": metrics,
+        }
+        save_model(MODEL_FILE, result.model, model_config, meta)
+        write_json_atomic(METRICS_FILE, metrics)
+        write_plot_csv(PLOT_FILE, history)
+        write_json_atomic(RUN_FILE, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+        run.log_artifact(METRICS_FILE, artifact_path="metrics")
+        run.log_artifact(PLOT_FILE, artifact_path="plots")
+        run.log_model(result.model, input_example=np.asarray(patches.lr[:2], dtype=np.float32))
+
+    log.info("train: %s", ", ".join(f"{key} {value}" for key, value in metrics.items()))
+    log.info("wrote %s, %s, %s, %s and %s in %.0f s (mlflow run %s at %s)", MODEL_FILE, METRICS_FILE, PLOT_FILE,
+             RUN_FILE, CHECKPOINT_FILE, time.perf_counter() - started, run.run_id, run.tracking_uri)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""``vdsr upscale``: super-resolve your own images with a trained model (library code, no DVC).
+
+Colour is handled as in SRCNN's and VDSR's demos: the image goes to YCbCr (MATLAB BT.601,
+:mod:`vdsr.color`), all channels are upscaled with MATLAB's bicubic ``imresize``, and the luma
+``Y`` is then replaced by the network's estimate; Cb and Cr stay bicubic. Grayscale images are
+their own ``Y``. Alpha is resized bicubic, like Cb/Cr. Everything runs in float64 on the [0, 1]
+scale: 16-bit PNGs keep their full precision and are written back as 16-bit PNGs, 8-bit images
+as 8-bit PNGs.
+
+The network sees the image in tiles with an overlap of at least its receptive-field radius, and
+only each tile's interior is kept. Every output pixel then sees exactly the input it sees in
+one whole-image pass -- at the image border both use the model's zero padding -- so the result
+equals whole-image inference, with memory bounded by the tile size.
+
+Pillow reads 16-bit RGB(A) PNGs as 8-bit. We decode such files twice with Pillow's own PNG
+decoder, unpacking the high and then the low byte of every sample, and write 16-bit colour PNGs
+with a small encoder (:func:`write_png16`), since Pillow has no 16-bit colour modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vdsr.color import rgb2ycbcr, ycbcr2rgb
+from vdsr.evaluate import Upscaler
+from vdsr.images import ImageError
+from vdsr.io import atomic_path
+from vdsr.resize import imresize
+
+if TYPE_CHECKING:  # torch is imported only when a model is used (``vdsr evaluate --model bicubic``)
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Released weights will live here; until then ``--model`` is required.
+PRETRAINED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "vdsr.pt"
+DEFAULT_TILE = 512  # tile side in pixels of the network input; 0: the whole image at once
+SCALES = (2, 3, 4)
+
+
+# --- devices and the network --------------------------------------------------------------------
+
+
+def receptive_radius(model: torch.nn.Module) -> int:
+    """Pixels each side that one output pixel depends on: the sum of the conv layers' half-widths.
+
+    Exact for a chain of convolutions (VDSR: depth, SRCNN 9-5-5: 8); an upper bound otherwise.
+    """
+    import torch
+
+    radius = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            radius += max(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+    return radius
+
+
+def predict_y(
+    model: torch.nn.Module,
+    y: np.ndarray,
+    device: str | torch.device = "cpu",
+    tile: int = DEFAULT_TILE,
+    overlap: int | None = None,
+    *,
+    amp: bool = True,
+) -> np.ndarray:
+    """The network's HR luma for the bicubic-upscaled luma ``y`` (H, W), float on [0, 1] -> float64 (H, W).
+
+    ``tile``: side of the tiles the image is cut into (0: whole image). ``overlap``: input pixels
+    added around each tile (default: the model's receptive-field radius, the smallest value for
+    which tiled equals whole-image inference). ``amp``: bfloat16 autocast on CUDA (no effect on
+    CPU). The output is not clipped.
+    """
+    import torch
+
+    if y.ndim != 2:
+        raise ValueError(f"predict_y expects a (H, W) luma array, got shape {y.shape}")
+    radius = receptive_radius(model)
+    overlap = radius if overlap is None else overlap
+    if overlap < radius:
+        raise ValueError(
+            f"overlap {overlap} is below the model's receptive-field radius {radius}: "
+            "tile seams would differ from whole-image inference"
+        )
+    if tile < 0:
+        raise ValueError(f"tile must be >= 0 (0: no tiling), got {tile}")
+    device = torch.device(device)
+    height, width = y.shape
+    tile = tile or max(height, width)
+    y32 = np.ascontiguousarray(y, dtype=np.float32)
+    out = np.empty((height, width), dtype=np.float32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        for top in range(0, height, tile):
+            for left in range(0, width, tile):
+                bottom, right = min(top + tile, height), min(left + tile, width)
+                t0, l0 = max(top - overlap, 0), max(left - overlap, 0)  # the tile plus its margin
+                b0, r0 = min(bottom + overlap, height), min(right + overlap, width)
+                window = torch.from_numpy(y32[t0:b0, l0:r0]).to(device)[None, None]  # (1, 1, h, w)
+                estimate = model(window)[0, 0, top - t0 : bottom - t0, left - l0 : right - l0]
+                out[top:bottom, left:right] = estimate.float().cpu().numpy()
+    return out.astype(np.float64)
+
+
+def load_network(path: Path, device: str) -> tuple[torch.nn.Module, torch.device]:
+    """The model saved at ``path`` (:func:`vdsr.models.save_model`), in eval mode on ``device``."""
+    from vdsr.models import load_model, resolve_device
+
+    target = resolve_device(device)
+    model, config, _meta = load_model(path, map_location=target)
+    log.info("model %s: %s depth %d width %d on %s", path, config.name, config.depth, config.width, target)
+    return model, target
+
+
+def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upscaler:
+    """An :data:`vdsr.evaluate.Upscaler` running the model at ``path`` (for ``vdsr evaluate``).
+
+    Runs in float32 (no bfloat16 autocast), so metrics do not depend on the device's rounding.
+    The models are multi-scale: the scale argument is not used.
+    """
+    model, target = load_network(Path(path), device)
+
+    def upscaler(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
+        return predict_y(model, bicubic_y, target, tile, amp=False)
+
+    return upscaler
+
+
+# --- colour -------------------------------------------------------------------------------------
+
+
+def upscale_pixels(pixels: np.ndarray, scale: int, luma: Upscaler) -> np.ndarray:
+    """Upscale (H, W) gray or (H, W, 3) RGB float on [0, 1] by ``scale``: ``luma`` for Y, bicubic for CbCr.
+
+    Returns float64 (sH, sW[, 3]) on [0, 1], clipped.
+    """
+    if pixels.ndim == 2:
+        return np.clip(luma(imresize(pixels, float(scale)), scale), 0.0, 1.0)
+    ycbcr = imresize(rgb2ycbcr(pixels), float(scale))  # (sH, sW, 3); Cb, Cr stay bicubic
+    ycbcr[..., 0] = luma(ycbcr[..., 0], scale)
+    return np.clip(ycbcr2rgb(ycbcr), 0.0, 1.0)
+
+
+# --- image files --------------------------------------------------------------------------------
+
+
+@dataclass
+class Picture:
+    """An image on the [0, 1] scale: ``pixels`` (H, W) gray or (H, W, 3) RGB float64, optional
+    ``alpha`` (H, W) float64, and ``bits`` per sample (8 or 16) of the file."""
+
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    bits: int
+
+
+def _png_16bit_samples(image: Image.Image, path: Path) -> np.ndarray | None:
+    """uint16 (H, W, C) samples of a 16-bit colour or gray+alpha PNG, which Pillow reads as 8 bits.
+
+    ``image``: opened, not yet loaded (loading clears ``image.tile``). None for other files.
+    """
+    if image.format != "PNG" or len(image.tile) != 1:
+        return None
+    tile = image.tile[0]
+    rawmode = tile.args if isinstance(tile.args, str) else tile.args[0]
+    if rawmode in ("RGB;16B", "RGBA;16B"):  # decode twice: high bytes, then low bytes
+        image.load()
+        high = np.asarray(image, dtype=np.uint16)
+        with Image.open(path) as again:
+            again.tile = [tile._replace(args=rawmode.replace(";16B", ";16L"))]
+            again.load()
+            low = np.asarray(again, dtype=np.uint16)
+        return high << 8 | low
+    if rawmode == "LA;16B":  # 4 bytes a pixel: decode them as raw RGBA bytes (L hi, L lo, A hi, A lo)
+        with Image.open(path) as again:
+            again.tile = [tile._replace(args="RGBA")]
+            again.load()
+            raw = np.asarray(again, dtype=np.uint16)
+        return np.stack([raw[..., 0] << 8 | raw[..., 1], raw[..., 2] << 8 | raw[..., 3]], axis=-1)
+    return None
+
+
+def read_picture(path: Path) -> Picture:
+    """Read an image file for upscaling; :class:`vdsr.images.ImageError` naming the file if it cannot."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            samples16 = _png_16bit_samples(image, path)
+            image.load()
+            mode = image.mode
+            if samples16 is not None:
+                data, bits = samples16.astype(np.float64) / 65535.0, 16
+                if data.shape[2] == 2:  # gray + alpha
+                    return Picture(data[..., 0], data[..., 1], bits)
+                alpha = data[..., 3] if data.shape[2] == 4 else None
+                return Picture(data[..., :3], alpha, bits)
+            if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                gray = np.asarray(image, dtype=np.float64)
+                if gray.min() < 0 or gray.max() > 65535:
+                    raise ImageError(f"{path}: 32-bit integer samples outside 0..65535 are not supported")
+                return Picture(gray / 65535.0, None, 16)
+            if mode == "F":
+                raise ImageError(f"{path}: floating-point images (mode F) are not supported")
+            if mode == "P":
+                mode = "RGBA" if "transparency" in image.info else "RGB"
+            elif mode in ("1", "L", "LA", "RGB", "RGBA"):
+                pass
+            elif mode in ("La", "PA"):
+                mode = "LA" if mode == "La" else "RGBA"
+            else:  # CMYK, YCbCr, LAB, HSV, RGBX, RGBa, ...
+                mode = "RGBA" if "A" in mode or "a" in mode else "RGB"
+            data = np.asarray(image.convert("L" if mode == "1" else mode), dtype=np.float64) / 255.0
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path}: too large ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ImageError):
+            raise
+        raise ImageError(f"{path}: not a readable image ({error})") from None
+    if data.ndim == 2:
+        return Picture(data, None, 8)
+    if data.shape[2] == 2:
+        return Picture(data[..., 0], data[..., 1], 8)
+    return Picture(data[..., :3], data[..., 3] if data.shape[2] == 4 else None, 8)
+
+
+def write_png16(path: Path, samples: np.ndarray) -> None:
+    """Write uint16 (H, W) gray, (H, W, 2) gray+alpha, (H, W, 3) RGB or (H, W, 4) RGBA as a 16-bit PNG."""
+    if samples.dtype != np.uint16:
+        raise TypeError(f"write_png16 expects uint16 samples, got {samples.dtype}")
+    samples = samples[..., None] if samples.ndim == 2 else samples
+    height, width, channels = samples.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]  # PNG spec, IHDR colour types
+    rows = samples.astype(">u2").reshape(height, width * channels).view(np.uint8)  # big-endian bytes
+    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    Path(path).write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_picture(path: Path, picture: Picture) -> None:
+    """Write ``picture`` as a PNG with its bit depth (8 or 16) and alpha, atomically."""
+    planes = [picture.pixels] if picture.pixels.ndim == 2 else [picture.pixels[..., c] for c in range(3)]
+    if picture.alpha is not None:
+        planes.append(picture.alpha)
+    data = np.stack(planes, axis=-1) if len(planes) > 1 else planes[0]
+    top = 65535.0 if picture.bits == 16 else 255.0
+    quantised = np.clip(np.round(data * top), 0, top)
+    with atomic_path(path) as tmp:
+        if picture.bits == 16:
+            write_png16(tmp, quantised.astype(np.uint16))
+        else:
+            Image.fromarray(quantised.astype(np.uint8)).save(tmp, format="PNG")
+
+
+def upscale_picture(picture: Picture, scale: int, luma: Upscaler) -> Picture:
+    """Upscale colour (Y by ``luma``, CbCr bicubic) and alpha (bicubic, clipped)."""
+    alpha = None if picture.alpha is None else np.clip(imresize(picture.alpha, float(scale)), 0.0, 1.0)
+    return Picture(upscale_pixels(picture.pixels, scale, luma), alpha, picture.bits)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def output_path(image: Path, scale: int, out: Path | None, count: int) -> Path:
+    """``<stem>_x<scale>.png`` beside ``image`` or in folder ``out``; ``out`` itself if it ends in .png."""
+    name = f"{image.stem}_x{scale}.png"
+    if out is None:
+        return image.with_name(name)
+    if out.suffix.lower() == ".png":
+        if count != 1:
+            raise ValueError(f"-o {out}: a file name needs exactly one input image, got {count}; give a folder")
+        return out
+    if out.suffix and not out.is_dir():
+        raise ValueError(f"-o {out}: outputs are PNG files; give a folder or a .png name")
+    return out / name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Super-resolve images: Y through the network, Cb/Cr and alpha bicubic (MATLAB imresize). "
+        "Writes <stem>_x<scale>.png (8- or 16-bit, as the input)."
+    )
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, BMP, TIFF)")
+    parser.add_argument("--scale", type=int, required=True, choices=SCALES, help="upscaling factor")
+    parser.add_argument(
+        "--model", type=Path, help=f"trained model file (default: the released weights, {PRETRAINED_MODEL})"
+    )
+    parser.add_argument("-o", "--output", type=Path, help="output folder (created), or a .png name for one image")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
+    parser.add_argument(
+        "--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels, bounds memory (0: whole image)"
+    )
+    parser.add_argument(
+        "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Upscale each image; a bad image is reported and skipped; exit status 2 if any failed."""
+    model_path = args.model or PRETRAINED_MODEL
+    if args.model is None and not PRETRAINED_MODEL.is_file():
+        raise FileNotFoundError(
+            f"no released weights yet ({PRETRAINED_MODEL} does not exist): pass --model PATH, "
+            "e.g. models/model.pt after `dvc repro train`"
+        )
+    if args.tile < 0:
+        raise ValueError(f"--tile must be >= 0 (0: whole image), got {args.tile}")
+    targets = [output_path(image, args.scale, args.output, len(args.images)) for image in args.images]
+    model, device = load_network(Path(model_path), args.device)
+    if args.overlap is not None and args.overlap < receptive_radius(model):
+        raise ValueError(
+            f"--overlap {args.overlap} is below the model's receptive-field radius {receptive_radius(model)}"
+        )
+
+    def luma(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
+        return predict_y(model, bicubic_y, device, args.tile, args.overlap)
+
+    failed = 0
+    for image, target in zip(args.images, targets):
+        try:
+            picture = read_picture(image)
+        except ImageError as error:
+            print(f"vdsr upscale: error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        result = upscale_picture(picture, args.scale, luma)
+        write_picture(target, result)
+        height, width = picture.pixels.shape[:2]
+        log.info("%s (%dx%d) -> %s (%dx%d, %d-bit)", image, width, height, target, width * args.scale,
+                 height * args.scale, result.bits)
+    return 2 if failed else 0
