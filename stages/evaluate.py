@@ -25,7 +25,7 @@ from vdsr import evaluate, paper, tracking
 from vdsr.color import modcrop
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError, list_images, read_image
-from vdsr.io import atomic_path, write_json_atomic, write_text_atomic
+from vdsr.io import atomic_path, describe_os_error, write_json_atomic, write_text_atomic
 from vdsr.models import ModelFileError, load_model
 from vdsr.resize import imresize
 from vdsr.upscale import load_upscaler, upscale_pixels
@@ -87,37 +87,46 @@ def comparison(
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        params = load_section(EvaluateParams, "evaluate")
-        log.info("evaluate: params %s", dataclasses.asdict(params))
-        sets, scales = params.sets, params.scales
-
-        run_info = read_json(RUN_FILE)
-        bicubic = read_json(BICUBIC)
-        _model, config, meta = load_model(MODEL)
-        label = f"{config.name.upper()} d{config.depth}"
-        upscaler = load_upscaler(MODEL, DEVICE)
-
-        table, per_image = {}, {}
-        for dataset in sets:
-            results = evaluate.evaluate_folder(RAW_DIR / dataset, scales, upscaler)
-            table[dataset], per_image[dataset] = evaluate.summary(results), results
-        figures = {}
-        for dataset, stem, scale in COMPARISONS:
-            if dataset not in sets:
-                continue
-            path = next((p for p in list_images(RAW_DIR / dataset) if p.stem == stem), None)
-            if path is None:
-                raise ImageError(f"{RAW_DIR / dataset}: comparison image {stem!r} not found")
-            image = read_image(path)
-            bicubic_psnr, model_psnr = (
-                evaluate.evaluate_images([(stem, image)], [scale], up)[f"x{scale}"]["psnr"]
-                for up in (evaluate.bicubic_upscaler, upscaler)
-            )
-            figure = comparison(image, scale, upscaler, (bicubic_psnr, model_psnr), label)
-            figures[f"{dataset}_{stem}_x{scale}.png"] = figure
+        evaluate_stage()
     except (ParamsError, ImageError, ModelFileError, FileNotFoundError, ValueError) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # disk full, read-only folder: the file and the reason, no traceback
+        print(f"evaluate: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def evaluate_stage() -> None:
+    """Evaluate models/model.pt, write the metrics, report and figures, complete the MLflow run."""
+    params = load_section(EvaluateParams, "evaluate")
+    log.info("evaluate: params %s", dataclasses.asdict(params))
+    sets, scales = params.sets, params.scales
+
+    run_info = read_json(RUN_FILE)
+    bicubic = read_json(BICUBIC)
+    _model, config, meta = load_model(MODEL)
+    label = f"{config.name.upper()} d{config.depth}"
+    upscaler = load_upscaler(MODEL, DEVICE)
+
+    table, per_image = {}, {}
+    for dataset in sets:
+        results = evaluate.evaluate_folder(RAW_DIR / dataset, scales, upscaler)
+        table[dataset], per_image[dataset] = evaluate.summary(results), results
+    figures = {}
+    for dataset, stem, scale in COMPARISONS:
+        if dataset not in sets:
+            continue
+        path = next((p for p in list_images(RAW_DIR / dataset) if p.stem == stem), None)
+        if path is None:
+            raise ImageError(f"{RAW_DIR / dataset}: comparison image {stem!r} not found")
+        image = read_image(path)
+        bicubic_psnr, model_psnr = (
+            evaluate.evaluate_images([(stem, image)], [scale], up)[f"x{scale}"]["psnr"]
+            for up in (evaluate.bicubic_upscaler, upscaler)
+        )
+        figure = comparison(image, scale, upscaler, (bicubic_psnr, model_psnr), label)
+        figures[f"{dataset}_{stem}_x{scale}.png"] = figure
 
     print(evaluate.format_table(table))
     write_json_atomic(METRICS, table)
@@ -151,7 +160,6 @@ def main() -> int:
     run.log_artifact(METRICS, "eval")
     run.log_artifact(IMAGES_DIR, "eval/images")
     run.end()
-    return 0
 
 
 if __name__ == "__main__":

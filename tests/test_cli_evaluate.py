@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vdsr.cli import main
@@ -34,3 +35,14 @@ def test_evaluate_errors_name_the_folder(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "bad")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "x.png: not a readable image" in result.stderr
+
+
+def test_evaluate_refuses_an_image_too_small_naming_it(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "set").mkdir()
+    Image.fromarray(np.full((18, 30, 3), 120, np.uint8)).save(tmp_path / "set" / "tiny.png")
+    result = subprocess.run([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "set"),
+                             "--scales", "4"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{tmp_path / 'set' / 'tiny.png'}: image is 30x18, too small to evaluate at x4" in result.stderr

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from vdsr.color import modcrop, rgb2y
-from vdsr.images import list_images, read_image
-from vdsr.metrics import psnr, ssim
+from vdsr.images import ImageError, list_images, read_image
+from vdsr.metrics import SSIM_WINDOW, psnr, ssim
 from vdsr.resize import imresize
 
 # (bicubic-upscaled Y in [0, 1] of shape (H, W), scale) -> estimated HR Y in [0, 1], (H, W)
@@ -53,6 +53,16 @@ def bicubic_upscaler(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
     return bicubic_y
 
 
+def check_evaluable(image: np.ndarray, scale: int, source: str) -> None:
+    """Raise :class:`ImageError` naming ``source`` if the image is too small to measure at ``scale``."""
+    height, width = image.shape[:2]
+    if min(height - height % scale, width - width % scale) - 2 * scale < SSIM_WINDOW:
+        raise ImageError(
+            f"{source}: image is {width}x{height}, too small to evaluate at x{scale} "
+            f"(SSIM needs {SSIM_WINDOW}x{SSIM_WINDOW} pixels after shaving {scale} on each side)"
+        )
+
+
 def evaluate_images(
     images: Sequence[tuple[str, np.ndarray]], scales: Sequence[int], upscaler: Upscaler
 ) -> dict[str, dict]:
@@ -65,6 +75,7 @@ def evaluate_images(
     for scale in scales:
         per_image = {}
         for name, image in images:
+            check_evaluable(image, scale, name)
             hr_y = hr_luma(image, scale)
             estimate = to_uint8(upscaler(degrade(hr_y, scale), scale))
             per_image[name] = {
@@ -81,7 +92,12 @@ def evaluate_images(
 
 def evaluate_folder(folder: str | Path, scales: Sequence[int], upscaler: Upscaler) -> dict[str, dict]:
     """:func:`evaluate_images` over every image file of ``folder`` (sorted by name)."""
-    images = [(path.stem, read_image(path)) for path in list_images(folder)]
+    images = []
+    for path in list_images(folder):
+        image = read_image(path)
+        for scale in scales:
+            check_evaluable(image, scale, str(path))
+        images.append((path.stem, image))
     return evaluate_images(images, scales, upscaler)
 
 

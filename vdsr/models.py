@@ -177,8 +177,21 @@ def save_model(path: str | Path, model: nn.Module, config: ModelConfig, meta: di
         "state_dict": unwrapped_state_dict(model),
         "meta": dict(meta),
     }
+    save_atomic(path, payload)
+
+
+def save_atomic(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, renamed onto it when complete.
+
+    Saving through a file object makes a full disk a plain ``OSError`` naming ``path`` (saving to a
+    file name, torch's writer raises an opaque ``RuntimeError`` instead).
+    """
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(payload, handle)
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 class ModelFileError(ValueError):
