@@ -524,7 +524,11 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str]) -> Run:
             nested=mlflow.active_run() is not None,
         )
     except Exception as error:  # noqa: BLE001  (tracking must never stop training)
-        return Run(None, uri, reason=f"{type(error).__name__}: {error}")
+        run = Run(None, uri, reason=f"{type(error).__name__}: {error}")
+        for what, count in (("params", len(flatten_params(params))), ("tags", len(tags))):
+            if count:  # listed at the end with everything else that was not logged
+                run._skip(what, count)
+        return run
     run = Run(active.info.run_id, uri)
     run.log_params(params)
     log.info("mlflow: run %s in experiment %r (%s)", run.run_id, experiment_name(), uri)

@@ -1,0 +1,122 @@
+"""DVC experiments on the tiny pipeline and the MLflow runs they leave in the repository's store
+(``sqlite:///<repo>/mlflow.db``): named experiments one after another, then two queued ones run
+side by side by ``dvc queue start -j 2``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+
+from conftest import run_checked
+from mlflow.tracking import MlflowClient
+
+pytest_plugins = ["mlflow_server"]  # the tiny_repo fixture
+
+EXP_TIMEOUT_S = 600  # each tiny experiment takes ~15-40 s; the bound only stops a hung one
+QUEUE_TIMEOUT_S = 600
+
+
+def store_runs(repo: Path) -> list:
+    """The runs of experiment ``vdsr`` in the repository's default store, oldest first."""
+    client = MlflowClient(f"sqlite:///{(repo / 'mlflow.db').as_posix()}")
+    experiment = client.get_experiment_by_name("vdsr")
+    assert experiment is not None, "no MLflow experiment 'vdsr' in the repository's store"
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict]:
+    """``dvc exp show --json`` as {experiment name: its train params}."""
+    shown = json.loads(run_checked(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    found = {}
+    for baseline in shown:
+        for exp in [baseline, *(baseline.get("experiments") or [])]:
+            for revision in exp.get("revs", [exp]):
+                name = revision.get("name")
+                data = (revision.get("data") or {}) if isinstance(revision, dict) else {}
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                if name:
+                    found[name] = params.get("train", {})
+    return found
+
+
+def assert_complete_run(client: MlflowClient, run, name: str, lr: str) -> None:
+    assert run.info.status == "FINISHED", (name, run.info)
+    assert run.info.run_name == name and run.data.tags["dvc.exp_name"] == name
+    assert run.data.params["train.lr"] == lr
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr_x2")] == [1, 2]
+    assert {"eval/Set5/x2/psnr", "eval/Set5/x2/ssim"} <= set(run.data.metrics), run.data.metrics
+
+
+def test_named_experiments_are_named_mlflow_runs(tiny_repo):
+    repo, env = tiny_repo()
+    for name, lr in (("lr-small", "0.0005"), ("lr-large", "0.002")):
+        done = run_checked(["dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}"], repo, env, timeout=EXP_TIMEOUT_S)
+        output = done.stdout + done.stderr
+        assert "tracking is off" not in output and "not logged to MLflow" not in output, output
+
+    head = run_checked(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    client, runs = store_runs(repo)
+    assert [run.info.run_name for run in runs] == ["lr-small", "lr-large"]
+    for run, (name, lr) in zip(runs, (("lr-small", "0.0005"), ("lr-large", "0.002")), strict=True):
+        assert_complete_run(client, run, name, lr)
+        assert run.data.tags["dvc.exp_baseline_rev"] == head
+    shown = exp_show(repo, env)
+    assert shown["lr-small"]["lr"] == 0.0005 and shown["lr-large"]["lr"] == 0.002, shown
+
+
+def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
+    """``dvc queue status`` as {experiment name: Queued | Running | Success | Failed}."""
+    table = run_checked(["dvc", "queue", "status"], repo, env).stdout
+    status = {}
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
+            status[fields[1]] = fields[-1]
+    return status
+
+
+def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
+    repo, env = tiny_repo()
+    run_checked(["dvc", "repro", "prepare", "baseline"], repo, env, timeout=EXP_TIMEOUT_S)
+    run_checked(["git", "add", "-A"], repo, env)
+    run_checked(["git", "commit", "-qm", "data"], repo, env)  # queued experiments start from HEAD
+    assert not (repo / "mlflow.db").exists()  # the two experiments create the store between them
+
+    experiments = {"queued-a": "0.0007", "queued-b": "0.0015"}  # lrs unlike HEAD's: no run-cache hits
+    for name, lr in experiments.items():
+        run_checked(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo, env)
+    assert set(queue_status(repo, env).values()) == {"Queued"}
+    started = time.monotonic()
+    run_checked(["dvc", "queue", "start", "-j", "2"], repo, env)
+    try:  # Poll with git, which is cheap: a finished experiment is a ref. Ask DVC now and then for failures.
+        for tick in itertools.count():
+            refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout
+            finished = {name for name in experiments if re.search(rf"/{re.escape(name)}$", refs, re.M)}
+            if finished == set(experiments) or tick % 10 == 9:
+                status = queue_status(repo, env)
+                if status and all(s in ("Success", "Failed") for s in status.values()):
+                    break
+            assert time.monotonic() - started < QUEUE_TIMEOUT_S, f"queue not done after {QUEUE_TIMEOUT_S} s"
+            time.sleep(1)
+    finally:
+        run_checked(["dvc", "queue", "stop", "--kill"], repo, env)
+    elapsed = time.monotonic() - started
+    logs = {name: run_checked(["dvc", "queue", "logs", name], repo, env).stdout for name in experiments}
+    assert status == {name: "Success" for name in experiments}, (status, logs)
+    for log in logs.values():
+        assert "database is locked" not in log and "already exists" not in log, log
+        assert "tracking is off" not in log and "not logged to MLflow" not in log, log
+
+    client, runs = store_runs(repo)
+    assert sorted(run.info.run_name for run in runs) == sorted(experiments)
+    for run in runs:
+        assert_complete_run(client, run, run.info.run_name, experiments[run.info.run_name])
+    a, b = runs
+    assert b.info.start_time < a.info.end_time, "the two experiments did not run at the same time"
+    print(f"two queued experiments in {elapsed:.0f} s; MLflow runs overlapped "
+          f"{(min(a.info.end_time, b.info.end_time) - b.info.start_time) / 1000:.1f} s")
+    shown = exp_show(repo, env)
+    assert {name: shown[name]["lr"] for name in experiments} == {k: float(v) for k, v in experiments.items()}, shown
