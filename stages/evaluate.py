@@ -146,8 +146,10 @@ def evaluate_stage() -> None:
             figure.save(tmp, format="PNG")
     log.info("evaluate: wrote %s, %s, %d figures in %s", METRICS, REPORT, len(figures), IMAGES_DIR)
 
-    run_id, tracking_uri = run_info.get("run_id"), run_info.get("tracking_uri")
-    run = tracking.resume_run(repo_root=Path.cwd(), run_id=run_id, tracking_uri=tracking_uri)
+    run = tracking.resume_run(
+        repo_root=Path.cwd(), run_id=run_info.get("run_id"), tracking_uri=run_info.get("tracking_uri"),
+        started_run_id=run_info.get("started_run_id"),
+    )
     run.log_metrics(
         {
             f"eval/{dataset}/{scale}/{name}": value  # e.g. eval/Set5/x2/psnr

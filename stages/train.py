@@ -1,6 +1,11 @@
 """Stage ``train``: params ``train`` + data/prepared/{train,val}.h5 -> models/model.pt and the
 training record (metrics/train.json, plots/train.csv, checkpoints/last.pt, an MLflow run whose id
 goes to models/mlflow_run.json). Run from the repository root: ``python stages/train.py``.
+
+Several GPUs or nodes: ``torchrun --standalone --nproc-per-node=8 stages/train.py``, or, to keep
+DVC's command line, ``VDSR_TORCHRUN="--standalone --nproc-per-node=8" dvc repro``: the stage
+then relaunches itself under torchrun with those options. Every process trains its share of each
+batch; rank 0 alone logs to MLflow and writes the outputs (README, "Multi-GPU and multi-node").
 """
 
 from __future__ import annotations
@@ -8,22 +13,35 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
+import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from vdsr import tracking
 from vdsr.config import ParamsError, load_params, load_section, require
 from vdsr.io import write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
-from vdsr.prepare import load_patches, load_validation, sha256_file
-from vdsr.train import CheckpointError, TrainConfig, train
+from vdsr.prepare import load_patches, load_validation, patch_size_of, sha256_file
+from vdsr.train import (
+    CheckpointError,
+    TrainConfig,
+    TrainResult,
+    World,
+    process_device,
+    process_group,
+    torchrun_world,
+    train,
+)
 
 log = logging.getLogger("stages.train")
 
@@ -35,6 +53,7 @@ RUN_FILE = Path("models/mlflow_run.json")
 CHECKPOINT_FILE = Path("checkpoints/last.pt")
 METRICS_FILE = Path("metrics/train.json")
 PLOT_FILE = Path("plots/train.csv")
+TORCHRUN_ENV = "VDSR_TORCHRUN"  # torchrun options; when set, the stage relaunches itself under torchrun
 
 
 @dataclass(frozen=True)
@@ -86,18 +105,42 @@ def write_plot_csv(path: Path, history: list[dict[str, float]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def relaunch_under_torchrun(options: str) -> None:
+    """Replace this process by ``torchrun <options> stages/train.py`` (same interpreter and environment)."""
+    command = [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), sys.argv[0]]
+    print(f"train: {TORCHRUN_ENV} is set, relaunching: {shlex.join(command)}", file=sys.stderr, flush=True)
+    os.execv(sys.executable, command)
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if os.environ.get(TORCHRUN_ENV, "").strip() and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(os.environ[TORCHRUN_ENV])
+    world = torchrun_world(os.environ)
+    # Rank 0 speaks for all; the other processes report only warnings and errors.
+    prefix = f"rank {world.rank}: " if world.rank else ""
+    logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING, format=f"{prefix}%(message)s")
     try:
-        train_stage()
+        train_stage(world)
     except (ParamsError, CheckpointError, ModelFileError, ValueError, OSError) as error:
-        print(f"train: error: {error}", file=sys.stderr)
+        print(f"train: {prefix}error: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-def train_stage() -> None:
+def train_stage(world: World) -> None:
     p = load_section(TrainParams, "train", PARAMS_FILE)
+    if world.size > 1:
+        require(p.batch_size % world.size == 0, f"{PARAMS_FILE}: train.batch_size",
+                f"a multiple of the number of processes ({world.size}): each takes an equal share of a batch",
+                p.batch_size)
+        require(not p.device.startswith("cuda:"), f"{PARAMS_FILE}: train.device",
+                "auto, cuda or cpu under torchrun (each process uses cuda:LOCAL_RANK)", p.device)
+    device = process_device(p.device, world)
+    with process_group(world, device):
+        train_and_write(p, world, device)
+
+
+def train_and_write(p: TrainParams, world: World, device: torch.device) -> None:
     all_params = load_params(PARAMS_FILE)  # as given: all of it to MLflow, the train section to the model file
     section = all_params["train"]
 
@@ -111,6 +154,11 @@ def train_stage() -> None:
         clip=p.clip, clip_theta=p.clip_theta, augment=p.augment, steps_per_epoch=p.steps_per_epoch, seed=p.seed,
     )
 
+    patch_size = patch_size_of(TRAIN_FILE)  # checked before the patches are loaded
+    field = receptive_field(model_config)
+    require(field <= patch_size, "train.depth",
+            f"a model whose receptive field ({field} px) fits the {patch_size} px patches of {TRAIN_FILE} "
+            f"(prepare.patch_size; VDSR's is 2 x depth + 1)", p.depth)
     patches = load_patches(TRAIN_FILE)
     validation = load_validation(VAL_FILE)
     train_sha256, val_sha256 = sha256_file(TRAIN_FILE), sha256_file(VAL_FILE)
@@ -119,25 +167,29 @@ def train_stage() -> None:
              {f"x{s}": len(images) for s, images in validation.items()}, VAL_FILE)
     log.info("%s: %d parameters, receptive field %d px", model_config,
              count_parameters(build_model(model_config)), receptive_field(model_config))
-    if receptive_field(model_config) > patches.lr.shape[-1]:
-        log.warning("WARNING: the receptive field (%d px) is larger than the %d px patches: border pixels see "
-                    "zero padding in training (the paper matches them: 41 px for 20 layers)",
-                    receptive_field(model_config), patches.lr.shape[-1])
+
+    def fit(on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+        return train(
+            patches.lr, patches.hr, validation, model_config, config,
+            device=device, checkpoint_path=CHECKPOINT_FILE, data_id=f"{train_sha256}+{val_sha256}",
+            on_epoch_end=on_epoch_end,
+        )
+
+    if world.rank != 0:  # the other processes train their share of each batch and write nothing
+        fit()
+        return
 
     repo_root = Path.cwd()
     tags = tracking.reproducibility_tags(repo_root)
-    tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256})
+    tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256,
+                 "processes": str(world.size)})
     started = time.perf_counter()
     with tracking.start_run(repo_root=repo_root, params=all_params, tags=tags) as run:
 
         def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
             run.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch)
 
-        result = train(
-            patches.lr, patches.hr, validation, model_config, config,
-            device=p.device, checkpoint_path=CHECKPOINT_FILE, data_id=f"{train_sha256}+{val_sha256}",
-            on_epoch_end=on_epoch_end,
-        )
+        result = fit(on_epoch_end)
         for row in result.history[: result.resumed_from]:  # epochs of an earlier, interrupted run
             on_epoch_end(int(row["epoch"]), row)
         if result.resumed_from:
@@ -153,7 +205,7 @@ def train_stage() -> None:
             "patches_per_s": round(statistics.median(row["patches_per_s"] for row in history), 1),
         }
         meta = {
-            "mlflow_run_id": run.run_id,
+            "mlflow_run_id": run.run_id or run.started_run_id,
             "seed": p.seed,
             "epochs": len(history),
             "train_data_sha256": train_sha256,
@@ -166,7 +218,9 @@ def train_stage() -> None:
         save_model(MODEL_FILE, result.model, model_config, meta)
         write_json_atomic(METRICS_FILE, metrics)
         write_plot_csv(PLOT_FILE, history)
-        write_json_atomic(RUN_FILE, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+        write_json_atomic(  # started_run_id: the run on the store even if tracking failed mid-way
+            RUN_FILE, {"run_id": run.run_id, "started_run_id": run.started_run_id, "tracking_uri": run.tracking_uri}
+        )
         run.log_artifact(METRICS_FILE, artifact_path="metrics")
         run.log_artifact(PLOT_FILE, artifact_path="plots")
         run.log_model(result.model, input_example=np.asarray(patches.lr[:2], dtype=np.float32))

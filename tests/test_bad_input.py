@@ -303,3 +303,19 @@ def test_missing_params_file(workdir: Path) -> None:
     before = snapshot(workdir)
     assert_refused(run_stage("prepare", workdir), "prepare", "params.yaml: file not found")
     assert_nothing_written(workdir, before)
+
+
+def test_train_refuses_patches_smaller_than_the_receptive_field(workdir: Path) -> None:
+    """prepare.patch_size 21 with the paper's 20 layers (receptive field 41): refused before loading."""
+    from vdsr.images import list_images
+    from vdsr.prepare import write_training_set, write_validation_set
+
+    images = list_images(workdir / "data/raw/Set5")
+    write_training_set(images, workdir / "data/prepared/train.h5", scales=[2], downsizing=[1.0], patch_size=21,
+                       stride=21, workers=1)
+    write_validation_set(images, workdir / "data/prepared/val.h5", scales=[2])
+    set_params(workdir / "params.yaml", {"train": {"model": "vdsr", "depth": 20}})
+    before = snapshot(workdir)
+    assert_refused(run_stage("train", workdir), "train",
+                   "train.depth: expected a model whose receptive field (41 px) fits the 21 px patches")
+    assert_nothing_written(workdir, before)

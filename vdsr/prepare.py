@@ -276,6 +276,16 @@ def load_patches(path: str | Path) -> PatchSet:
     return patches
 
 
+def patch_size_of(path: str | Path) -> int:
+    """Side of the patches in ``train.h5``, read from the dataset's shape without loading it."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            return int(h5["lr"].shape[-1])
+    except (OSError, KeyError) as error:
+        raise ValueError(f"{path}: not a training patch file (datasets lr, hr, scale): {error}") from None
+
+
 def load_validation(path: str | Path) -> dict[int, list[tuple[str, np.ndarray, np.ndarray]]]:
     """``{scale: [(image name, lr (H, W) float32, hr (H, W) uint8), ...]}`` from ``val.h5``."""
     path = Path(path)

@@ -301,6 +301,7 @@ class Run:
 
     def __init__(self, run_id: str | None, tracking_uri: str, *, reason: str | None = None) -> None:
         self.run_id = run_id
+        self.started_run_id = run_id  # kept when tracking fails later: the partial run on the store
         self.tracking_uri = tracking_uri
         self.reason = reason  # why tracking is off, when it is
         self._not_logged: dict[str, int] = {}
@@ -535,9 +536,14 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str]) -> Run:
     return run
 
 
-def resume_run(*, repo_root: Path, run_id: str | None, tracking_uri: str | None = None) -> Run:
+def resume_run(
+    *, repo_root: Path, run_id: str | None, tracking_uri: str | None = None, started_run_id: str | None = None
+) -> Run:
     """Reopen run ``run_id`` (from the train stage) to add evaluation results; no-op Run if impossible."""
     uri = tracking_uri or default_tracking_uri(Path(repo_root))
+    if run_id is None and started_run_id:
+        reason = f"the train stage lost its MLflow run {started_run_id} mid-way (it holds the epochs logged before)"
+        return Run(None, uri, reason=reason)
     if run_id is None:
         return Run(None, uri, reason="the train stage logged no MLflow run (run id is null)")
     try:

@@ -28,6 +28,19 @@ seeded by ``(seed, e)`` only, and a checkpoint (weights, optimizer, RNG states, 
 written atomically after every epoch; a run interrupted and resumed therefore ends with the
 same weights as an uninterrupted one. A checkpoint made with other settings is ignored with a
 warning (and overwritten after the next epoch), see :func:`checkpoint_mismatch`.
+
+Several processes (torchrun). Under a ``torch.distributed`` process group (:func:`process_group`,
+one process per GPU, NCCL; or gloo on the CPU) the loop is DistributedDataParallel, and the
+global batch stays ``batch_size``: every process draws the same (seed, epoch) permutation and
+augmentation and takes its own ``batch_size / world size`` columns of each batch. Each computes
+the loss on its slice (a per-patch mean), DDP averages the gradients over the processes during
+``backward`` -- the mean of equal-sized slice means is the batch mean, so the gradient is the
+single-process one -- and clipping then acts on that averaged gradient. The same global batch
+thus gives the same model on any number of processes, up to float rounding (the batch sum is
+added up in another order). All processes validate (the weights are the same everywhere, and
+it takes no longer than waiting for rank 0); rank 0 alone reads and writes the checkpoint,
+shows progress and calls ``on_epoch_end``. On resume rank 0 sends the checkpoint to the others,
+so that nodes need not share a file system.
 """
 
 from __future__ import annotations
@@ -38,20 +51,21 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vdsr.evaluate import to_uint8
-from vdsr.io import atomic_path
 from vdsr.metrics import psnr
-from vdsr.models import ModelConfig, build_model, resolve_device, unwrapped_state_dict
+from vdsr.models import ModelConfig, build_model, resolve_device, save_atomic, unwrapped_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +312,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": rng_states(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_atomic(path, payload)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -342,6 +355,28 @@ def checkpoint_mismatch(
     return reasons
 
 
+def checkpoint_to_resume(
+    path: Path, model_config: ModelConfig, config: TrainConfig, data_id: str
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if training can continue from it; None if there is none or it
+    was made with other settings (with a warning: it is overwritten after the next epoch).
+
+    Also removes temporary files left beside it by a writer that was killed mid-write.
+    """
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # see vdsr.io.atomic_path
+        log.info("removing %s, left by an interrupted checkpoint write", stale)
+        stale.unlink(missing_ok=True)
+    if not path.exists():
+        return None
+    payload = load_checkpoint(path)
+    reasons = checkpoint_mismatch(payload, model_config, config, data_id)
+    if reasons:
+        log.warning("WARNING: ignoring checkpoint %s, made with other settings (%s); training from "
+                    "scratch, it will be overwritten", path, "; ".join(reasons))
+        return None
+    return payload
+
+
 @contextlib.contextmanager
 def runtime_switches(device: torch.device) -> Iterator[contextlib.AbstractContextManager]:
     """Yield the autocast context; set cuDNN autotuning (CUDA) or deterministic algorithms (CPU)
@@ -363,6 +398,74 @@ def runtime_switches(device: torch.device) -> Iterator[contextlib.AbstractContex
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.backends.cudnn.benchmark = benchmark
+
+
+# --- several processes (torchrun) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among torchrun's processes."""
+
+    rank: int = 0  # 0 .. size - 1 over all nodes; rank 0 writes the outputs
+    local_rank: int = 0  # on this node: the GPU it uses
+    size: int = 1  # processes in all
+
+
+def torchrun_world(environ: Mapping[str, str]) -> World:
+    """RANK, LOCAL_RANK and WORLD_SIZE as torchrun sets them; one process when they are unset."""
+    size = int(environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    return World(rank=int(environ["RANK"]), local_rank=int(environ["LOCAL_RANK"]), size=size)
+
+
+def process_device(name: str, world: World) -> torch.device:
+    """This process's device: ``name`` for one process (:func:`resolve_device`); among several,
+    ``auto`` and ``cuda`` mean cuda:LOCAL_RANK (one GPU per process on each node) and ``cpu`` the CPU."""
+    if world.size == 1:
+        return resolve_device(name)
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name not in ("auto", "cuda"):
+        raise ValueError(f"device {name!r} names one GPU, but each of the {world.size} processes uses its own "
+                         "(cuda:LOCAL_RANK): use auto or cuda")
+    if world.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local rank {world.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                         "start at most that many processes per node")
+    return torch.device("cuda", world.local_rank)
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """Join torchrun's process group for the block: NCCL on CUDA, gloo on the CPU; nothing for one process.
+
+    On a normal exit every process waits at a barrier for the others -- rank 0 for one writes the
+    outputs after training -- so the job ends only when they are complete. On an error a process
+    leaves at once, and torchrun stops the others.
+    """
+    if world.size == 1:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def check_same_data(data_id: str, world_size: int) -> None:
+    """Stop unless all processes were given the same ``data_id`` (on other nodes, other files)."""
+    ids: list[Any] = [None] * world_size
+    dist.all_gather_object(ids, data_id)
+    if len(set(ids)) > 1:
+        raise ValueError("the processes were given different training data (data_id by rank: "
+                         f"{', '.join(f'{rank}: {id_}' for rank, id_ in enumerate(ids))})")
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -398,59 +501,79 @@ def train(
     (e.g. its sha256) for that check. ``on_epoch_end(epoch, row)`` is called after the
     checkpoint with the epoch's history row: epoch, train_loss, lr, val_psnr_x<s>...,
     patches_per_s, time_s. Raises ``FloatingPointError`` naming epoch and step on a non-finite loss.
+
+    Under a process group (:func:`process_group`) each process trains on its slice of every batch
+    (``batch_size`` must be a multiple of the number of processes) on ``device``, its own; all
+    return the same result, and only rank 0 touches the checkpoint, calls ``on_epoch_end`` and
+    shows progress (see the module docstring).
     """
     if train_lr.shape != train_hr.shape or train_lr.ndim != 4 or train_lr.shape[1] != 1:
         raise ValueError(f"patches must be (N, 1, P, P) alike, got lr {train_lr.shape} and hr {train_hr.shape}")
     if train_lr.shape[2] != train_lr.shape[3]:
         raise ValueError(f"patches must be square for the rotations, got {train_lr.shape[2:]}")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = resolve_device(device)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     n = train_lr.shape[0]
-    batch_size = min(config.batch_size, n)
+    batch_size = min(config.batch_size, n)  # global: all processes together
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} processes")
+    local_batch = batch_size // world_size
+    mine = slice(rank * local_batch, (rank + 1) * local_batch)  # this process's columns of each batch
     steps = config.steps_per_epoch or n // batch_size
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    if world_size > 1:
+        check_same_data(data_id, world_size)
 
     with runtime_switches(device) as autocast:
-        # model and optimizer, from scratch or from the checkpoint
+        # model and optimizer, from scratch or from the checkpoint (read by rank 0, sent to all)
         torch.manual_seed(config.seed)
         model = build_model(model_config).to(device, memory_format=memory_format)
         optimizer = make_optimizer(model, config, device)
+        payload = None
+        if rank == 0 and checkpoint_path is not None:
+            payload = checkpoint_to_resume(checkpoint_path, model_config, config, data_id)
+        if world_size > 1:
+            shared = [payload]
+            dist.broadcast_object_list(shared, src=0, device=device if device.type == "cuda" else None)
+            payload = shared[0]
         history: list[dict[str, float]] = []
-        if checkpoint_path is not None and checkpoint_path.exists():
-            payload = load_checkpoint(checkpoint_path)
-            reasons = checkpoint_mismatch(payload, model_config, config, data_id)
-            if reasons:
-                log.warning("WARNING: ignoring checkpoint %s, made with other settings (%s); training from "
-                            "scratch, it will be overwritten", checkpoint_path, "; ".join(reasons))
-            else:
-                model.load_state_dict(payload["model"])
-                kernels = {key: optimizer.param_groups[0].get(key) for key in ("fused", "foreach")}
-                for group in payload["optimizer"]["param_groups"]:
-                    group.update(kernels)  # this device's kernels, wherever the checkpoint was made
-                optimizer.load_state_dict(payload["optimizer"])
-                set_rng_states(payload["rng"])
-                history = list(payload["history"])
-                log.info("resuming from %s after epoch %d", checkpoint_path, payload["epoch"])
+        if payload is not None:
+            model.load_state_dict(payload["model"])
+            kernels = {key: optimizer.param_groups[0].get(key) for key in ("fused", "foreach")}
+            for group in payload["optimizer"]["param_groups"]:
+                group.update(kernels)  # this device's kernels, wherever the checkpoint was made
+            optimizer.load_state_dict(payload["optimizer"])
+            set_rng_states(payload["rng"])
+            history = list(payload["history"])
+            log.info("resuming from %s after epoch %d", checkpoint_path, payload["epoch"])
         resumed_from = len(history)
         step_model = torch.compile(model) if compile else model
+        if world_size > 1:  # averages the gradients over the processes during backward
+            step_model = DistributedDataParallel(step_model, device_ids=[device] if device.type == "cuda" else None)
         lr_patches, hr_patches = place_patches(train_lr, train_hr, device)
-        log.info("training %s on %d patches (%d steps of %d per epoch) on %s, epochs %d..%d",
-                 model_config, n, steps, batch_size, device, resumed_from + 1, config.epochs)
+        log.info("training %s on %d patches (%d steps of %d per epoch%s) on %s, epochs %d..%d",
+                 model_config, n, steps, batch_size,
+                 f", {local_batch} in each of {world_size} processes" if world_size > 1 else "",
+                 device, resumed_from + 1, config.epochs)
 
         model.train()
         for epoch in range(resumed_from + 1, config.epochs + 1):
-            # the epoch's learning rate and random draws, from (seed, epoch) alone
+            # the epoch's learning rate and random draws, from (seed, epoch) alone: the same in every process
             lr = step_decay_lr(epoch, config.lr, config.lr_step_epochs, config.lr_gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             generator = epoch_generator(config.seed, epoch)
-            order = batch_order(n, steps, batch_size, generator).to(lr_patches.device)  # (steps, B)
-            transforms = torch.randint(0, 8, (steps, batch_size), generator=generator).to(device)  # (steps, B)
+            order = batch_order(n, steps, batch_size, generator)  # (steps, B)
+            transforms = torch.randint(0, 8, (steps, batch_size), generator=generator)  # (steps, B)
+            order = order[:, mine].to(lr_patches.device)  # (steps, B / processes)
+            transforms = transforms[:, mine].to(device)
 
             loss_sum = torch.zeros((), device=device)
-            first_bad_step = torch.full((), -1, device=device)
+            first_bad_step = torch.full((), steps, device=device)  # steps: none yet
             start = time.perf_counter()
-            bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress)
+            bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step",
+                       disable=not progress or rank != 0)
             for step in bar:
                 x, y = get_batch(lr_patches, hr_patches, order[step], device)
                 if config.augment:
@@ -459,12 +582,14 @@ def train(
                 loss = train_step(step_model, optimizer, x, y, lr=lr, clip=config.clip,
                                   clip_theta=config.clip_theta, autocast=autocast)
                 loss_sum += loss
-                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+                first_bad_step = torch.where((first_bad_step == steps) & ~torch.isfinite(loss), step, first_bad_step)
                 # Reading a GPU scalar waits for all queued work, so it is done only every
                 # LOG_EVERY steps; in between the CPU runs ahead and queues the next steps.
                 if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
+                    if world_size > 1:  # all processes stop together, at the first bad step of any
+                        dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
                     bad = int(first_bad_step.item())
-                    if bad >= 0:
+                    if bad < steps:
                         raise FloatingPointError(
                             f"epoch {epoch}, step {bad + 1}/{steps}: the loss is not finite (nan or inf) at "
                             f"lr {lr:g}; lower train.lr or clip the gradients (train.clip)"
@@ -472,7 +597,9 @@ def train(
                     rate = (step + 1) * batch_size / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{lr:.3g}", patches_s=f"{rate:.0f}")
             bar.close()
-            train_loss = loss_sum.item() / steps  # waits for the GPU
+            if world_size > 1:  # the mean of the slices' losses is the batch loss
+                dist.all_reduce(loss_sum)
+            train_loss = loss_sum.item() / steps / world_size  # waits for the GPU
             train_time = time.perf_counter() - start
 
             val = validate(model, validation, device)
@@ -483,10 +610,10 @@ def train(
             log.info("epoch %d: loss %.5f, lr %.3g, val psnr %s, %.0f patches/s", epoch, train_loss, lr,
                      " ".join(f"x{s} {v:.2f}" for s, v in val.items()) or "-", row["patches_per_s"])
 
-            if checkpoint_path is not None:
+            if rank == 0 and checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, model_config=model_config,
                                 config=config, data_id=data_id, epoch=epoch, history=history)
-            if on_epoch_end is not None:
+            if rank == 0 and on_epoch_end is not None:
                 on_epoch_end(epoch, dict(row))
 
     model.eval()
