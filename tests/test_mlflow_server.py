@@ -169,7 +169,8 @@ def test_unreachable_server_costs_seconds_not_the_run(tiny_repo, closed_port_url
     assert "logged no MLflow run" in evaluate_out, evaluate_out
     summary = [line for line in evaluate_out.splitlines() if "WARNING: not logged to MLflow" in line]
     assert len(summary) == 1 and "metric values" in summary[0] and "reports/results.md" in summary[0], evaluate_out
-    assert read_json(repo / "models/mlflow_run.json") == {"run_id": None, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+    assert read_json(repo / "models/mlflow_run.json") == {
+        "run_id": None, "started_run_id": None, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
     assert_outputs_complete(repo, epochs=2)
     shown = json.loads(run_checked(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     data = next(iter(shown.values()))["data"]
