@@ -16,7 +16,7 @@ from pathlib import Path
 from vdsr.config import ParamsError, load_section, require
 from vdsr.evaluate import bicubic_upscaler, evaluate_folder, format_table, summary
 from vdsr.images import ImageError
-from vdsr.io import describe_os_error, write_json_atomic
+from vdsr.io import error_message, write_json_atomic
 
 RAW_DIR = Path("data/raw")
 METRICS_FILE = Path("metrics/bicubic.json")  # the stage's metrics in dvc.yaml
@@ -46,11 +46,8 @@ def main() -> int:
         log.info("baseline: params %s", dataclasses.asdict(params))
         table = {name: summary(evaluate_folder(RAW_DIR / name, params.scales, bicubic_upscaler)) for name in params.sets}
         write_json_atomic(METRICS_FILE, table)
-    except (ParamsError, ImageError, ValueError) as error:
-        print(f"baseline: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # disk full, read-only folder, ...: the file and the reason, no traceback
-        print(f"baseline: error: {describe_os_error(error)}", file=sys.stderr)
+    except (ParamsError, ImageError, ValueError, OSError) as error:  # OSError: disk full, read-only folder...
+        print(f"baseline: error: {error_message(error)}", file=sys.stderr)
         return 1
     log.info("baseline: bicubic\n%s\n-> %s", format_table(table), METRICS_FILE)
     return 0

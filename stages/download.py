@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vdsr.config import ParamsError, load_section, require
 from vdsr.download import MIRROR_ENV, DownloadError, ManifestError, download_sets, load_manifest, resolve_source
-from vdsr.io import describe_os_error
+from vdsr.io import error_message
 
 MANIFEST = Path("data/manifest.json")
 RAW_DIR = Path("data/raw")  # also the stage's `outs` in dvc.yaml
@@ -60,11 +60,8 @@ def main() -> int:
         report = download_sets(
             manifest, sets, RAW_DIR, source=source, workers=workers, retries=retries, timeout_s=timeout_s
         )
-    except (ParamsError, ManifestError, DownloadError) as error:
-        print(f"download: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # a read-only or full data/raw: the file and the reason, no traceback
-        print(f"download: error: {describe_os_error(error)}", file=sys.stderr)
+    except (ParamsError, ManifestError, DownloadError, OSError) as error:  # OSError: a read-only or full data/raw
+        print(f"download: error: {error_message(error)}", file=sys.stderr)
         return 1
     log.info(
         "download: fetched %d, skipped %d (already verified), removed %d stray -> %s/{%s}",

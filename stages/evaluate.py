@@ -25,7 +25,7 @@ from vdsr import evaluate, paper, tracking
 from vdsr.color import modcrop
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError, list_images, read_image
-from vdsr.io import atomic_path, describe_os_error, write_json_atomic, write_text_atomic
+from vdsr.io import atomic_path, error_message, write_json_atomic, write_text_atomic
 from vdsr.models import ModelFileError, load_model
 from vdsr.resize import imresize
 from vdsr.upscale import load_upscaler, upscale_pixels
@@ -88,11 +88,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         evaluate_stage()
-    except (ParamsError, ImageError, ModelFileError, FileNotFoundError, ValueError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # disk full, read-only folder: the file and the reason, no traceback
-        print(f"evaluate: error: {describe_os_error(error)}", file=sys.stderr)
+    except (ParamsError, ImageError, ModelFileError, ValueError, OSError) as error:  # OSError: disk full, read-only folder...
+        print(f"evaluate: error: {error_message(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError, list_images
-from vdsr.io import atomic_path, describe_os_error
+from vdsr.io import atomic_path, error_message
 from vdsr.prepare import write_training_set, write_validation_set
 
 RAW_DIR = Path("data/raw")
@@ -77,11 +77,8 @@ def main() -> int:
                 stride=params.stride,
                 workers=params.workers,
             )
-    except (ParamsError, ImageError, ValueError) as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # disk full, read-only folder, ...: the file and the reason, no traceback
-        print(f"prepare: error: {describe_os_error(error)}", file=sys.stderr)
+    except (ParamsError, ImageError, ValueError, OSError) as error:  # OSError: disk full, read-only folder...
+        print(f"prepare: error: {error_message(error)}", file=sys.stderr)
         return 1
     total = sum(counts.values())
     log.info(

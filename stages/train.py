@@ -29,7 +29,7 @@ import torch
 
 from vdsr import tracking
 from vdsr.config import ParamsError, load_params, load_section, require
-from vdsr.io import write_json_atomic, write_text_atomic
+from vdsr.io import error_message, write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
 from vdsr.prepare import load_patches, load_validation, patch_size_of, sha256_file
 from vdsr.train import (
@@ -122,7 +122,7 @@ def main() -> int:
     try:
         train_stage(world)
     except (ParamsError, CheckpointError, ModelFileError, ValueError, OSError) as error:
-        print(f"train: {prefix}error: {error}", file=sys.stderr)
+        print(f"train: {prefix}error: {error_message(error)}", file=sys.stderr)
         return 1
     return 0
 

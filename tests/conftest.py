@@ -164,3 +164,20 @@ def pipeline_repo(tmp_path: Path, shared_datasets: Path):
         return repo, env
 
     return make
+
+
+def stage_workdir(root: Path, shared: Path, overrides: dict[str, dict]) -> Path:
+    """A folder laid out like the repository after ``download`` (params.yaml with ``overrides``,
+    data/manifest.json, data/raw/{Set5,Set14}), for running stage scripts directly."""
+    import json
+    import shutil
+
+    manifest = json.loads((REPO_ROOT / "data/manifest.json").read_text())
+    for set_name in ("Set5", "Set14"):
+        (root / "data/raw" / set_name).mkdir(parents=True)
+        for entry in manifest["sets"][set_name]:
+            shutil.copyfile(shared / entry["path"], root / "data/raw" / set_name / entry["name"])
+    (root / "data/manifest.json").write_text(json.dumps(manifest))
+    shutil.copyfile(REPO_ROOT / "params.yaml", root / "params.yaml")
+    set_params(root / "params.yaml", overrides)
+    return root

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, set_params
+from conftest import REPO_ROOT, set_params, stage_workdir
 
 SMALL = {
     "download": {"sets": ["Set5"], "workers": 2, "retries": 0, "timeout_s": 5},
@@ -37,16 +37,7 @@ SMALL = {
 @pytest.fixture
 def workdir(tmp_path: Path, shared_datasets: Path) -> Path:
     """params.yaml (the project's, made small), data/manifest.json and data/raw/{Set5,Set14}."""
-    root = tmp_path / "work"
-    manifest = json.loads((REPO_ROOT / "data/manifest.json").read_text())
-    for set_name in ("Set5", "Set14"):
-        (root / "data/raw" / set_name).mkdir(parents=True)
-        for entry in manifest["sets"][set_name]:
-            shutil.copyfile(shared_datasets / entry["path"], root / "data/raw" / set_name / entry["name"])
-    (root / "data/manifest.json").write_text(json.dumps(manifest))
-    shutil.copyfile(REPO_ROOT / "params.yaml", root / "params.yaml")
-    set_params(root / "params.yaml", SMALL)
-    return root
+    return stage_workdir(tmp_path / "work", shared_datasets, SMALL)
 
 
 def snapshot(root: Path) -> dict[str, str]:

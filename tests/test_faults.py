@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, run_checked, set_params
+from conftest import REPO_ROOT, run_checked, stage_workdir
 from vdsr.prepare import load_patches
 
 # Large enough that prepare writes train.h5 for a few seconds (200 images, x2: 78 MB).
@@ -117,17 +117,6 @@ def test_kill_9_during_prepare_then_rerun_rebuilds_identical_file(pipeline_repo)
 # --- disk full and read-only folders: the stage scripts in a working folder --------------------
 
 
-def stage_workdir(root: Path, shared: Path) -> Path:
-    """A folder laid out like the repository after ``download``: params.yaml, data/raw/{Set5,Set14}."""
-    manifest = json.loads((REPO_ROOT / "data/manifest.json").read_text())
-    for set_name in ("Set5", "Set14"):
-        (root / "data/raw" / set_name).mkdir(parents=True)
-        for entry in manifest["sets"][set_name]:
-            shutil.copyfile(shared / entry["path"], root / "data/raw" / set_name / entry["name"])
-    (root / "data/manifest.json").write_text(json.dumps(manifest))
-    shutil.copyfile(REPO_ROOT / "params.yaml", root / "params.yaml")
-    set_params(root / "params.yaml", SMALL_PARAMS)
-    return root
 
 
 def run_stage(stage: str, cwd: Path, *, file_size_limit: int | None = None, wrap: Sequence[str] = (),
@@ -148,7 +137,7 @@ def run_stage(stage: str, cwd: Path, *, file_size_limit: int | None = None, wrap
 @pytest.fixture
 def workdir(tmp_path: Path, shared_datasets: Path) -> Path:
     """A working folder where prepare and baseline have run once: the previous outputs."""
-    root = stage_workdir(tmp_path / "work", shared_datasets)
+    root = stage_workdir(tmp_path / "work", shared_datasets, SMALL_PARAMS)
     for stage in ("prepare", "baseline"):
         result = run_stage(stage, root)
         assert result.returncode == 0, result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from vdsr import evaluate
 from vdsr.config import ParamsError
 from vdsr.images import ImageError
-from vdsr.io import write_json_atomic
+from vdsr.io import error_message, write_json_atomic
 
 log = logging.getLogger("vdsr")
 
@@ -60,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ImageError, ParamsError, ValueError, FileNotFoundError) as error:
-        print(f"vdsr {args.command}: error: {error}", file=sys.stderr)
+    except (ImageError, ParamsError, ValueError, OSError) as error:
+        print(f"vdsr {args.command}: error: {error_message(error)}", file=sys.stderr)
         return 2
 
 

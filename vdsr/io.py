@@ -49,6 +49,11 @@ def describe_os_error(error: OSError) -> str:
     return reason if error.filename is None else f"{error.filename}: {reason}"
 
 
+def error_message(error: Exception) -> str:
+    """The one line a stage or the CLI prints for an expected error (OSErrors as ``<file>: <reason>``)."""
+    return describe_os_error(error) if isinstance(error, OSError) else str(error)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         try:
