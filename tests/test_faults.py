@@ -166,7 +166,7 @@ def test_disk_full_fails_clearly_and_keeps_previous_outputs(workdir: Path, stage
 
 
 def read_only_wrapper(folder: Path) -> list[str]:
-    """argv prefix that runs a command with ``folder`` read-only, or skip if this machine cannot."""
+    """argv prefix that runs a command with ``folder`` read-only; fails if this machine cannot."""
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
     if probe is not None and probe.returncode == 0:
         # A private mount namespace: bind ``folder`` onto itself read-only, then exec the command.
@@ -175,7 +175,7 @@ def read_only_wrapper(folder: Path) -> list[str]:
     if os.geteuid() != 0:
         folder.chmod(0o555)
         return []
-    pytest.skip("needs user namespaces (unshare -rm) or a non-root user to make a folder read-only")
+    raise RuntimeError("cannot make a folder read-only here: needs user namespaces (unshare -rm) or a non-root user")
 
 
 @pytest.mark.parametrize(

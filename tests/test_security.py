@@ -71,7 +71,7 @@ def test_payloads_are_live(tmp_path: Path, kind: str) -> None:
     if kind == "raw-pickle":
         pickle.loads(path.read_bytes())
     else:
-        torch.load(path, weights_only=False)
+        torch.load(path, weights_only=False)  # deliberately unsafe: proves the payload is live
     assert marker.read_text() == "code ran"
 
 
