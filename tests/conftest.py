@@ -181,3 +181,15 @@ def stage_workdir(root: Path, shared: Path, overrides: dict[str, dict]) -> Path:
     shutil.copyfile(REPO_ROOT / "params.yaml", root / "params.yaml")
     set_params(root / "params.yaml", overrides)
     return root
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with no pixel data at all."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")

@@ -12,10 +12,8 @@ import json
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, set_params, stage_workdir
+from conftest import REPO_ROOT, png_header_only, set_params, stage_workdir
 
 SMALL = {
     "download": {"sets": ["Set5"], "workers": 2, "retries": 0, "timeout_s": 5},
@@ -68,16 +66,6 @@ def assert_nothing_written(root: Path, before: dict[str, str]) -> None:
 
 
 # --- damaged data -------------------------------------------------------------------------------
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` pixels, with no pixel data at all."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 DAMAGES: dict[str, Callable[[bytes], bytes]] = {

@@ -17,6 +17,8 @@ from vdsr.evaluate import bicubic_upscaler, evaluate_folder, summary
 from vdsr.models import ModelConfig, build_model, save_model
 from vdsr.resize import imresize
 
+from conftest import png_header_only
+
 
 def tiny_model(name: str = "vdsr", depth: int = 3, width: int = 4, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -265,3 +267,44 @@ def test_16bit_colour_png_with_every_filter_type(tmp_path: Path) -> None:
     picture = upscale.read_picture(path)
     assert picture.bits == 16
     np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), samples)
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path, model_file: Path, capsys) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(100_000, 100_000))  # 10 Gpx declared in 33 bytes
+    assert main(["upscale", str(bomb), "--scale", "2", "--model", str(model_file), "-o", str(tmp_path / "out")]) == 2
+    assert f"{bomb}: declares 100000x100000 = 10,000,000,000 pixels, over the limit of 16,000,000" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "bomb_x2.png").exists()
+
+
+def test_pixel_limit_is_configurable(tmp_path: Path, model_file: Path, capsys) -> None:
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng_image((60, 80, 3), 255).astype(np.uint8)).save(path)
+    out = tmp_path / "out"
+    assert main(["upscale", str(path), "--scale", "2", "--model", str(model_file), "-o", str(out),
+                 "--max-pixels", "4000"]) == 2
+    assert "declares 80x60 = 4,800 pixels, over the limit of 4,000 (--max-pixels)" in capsys.readouterr().err
+    assert main(["upscale", str(path), "--scale", "2", "--model", str(model_file), "-o", str(out),
+                 "--max-pixels", "5000"]) == 0
+    assert Image.open(out / "photo_x2.png").size == (160, 120)
+
+
+def test_palette_cmyk_and_one_pixel_images(tmp_path: Path, model_file: Path) -> None:
+    rgb = rng_image((20, 24, 3), 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(tmp_path / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    Image.fromarray(np.array([[[200, 40, 90]]], np.uint8)).save(tmp_path / "dot.png")
+    out = tmp_path / "out"
+    images = [str(tmp_path / name) for name in ("palette.png", "cmyk.jpg", "dot.png")]
+    assert main(["upscale", *images, "--scale", "3", "--model", str(model_file), "-o", str(out)]) == 0
+    palette = Image.open(out / "palette_x3.png")
+    assert palette.mode == "RGB" and palette.size == (72, 60)
+    # The palette's colours are what is upscaled: the chroma is their bicubic chroma.
+    colours = np.asarray(Image.open(tmp_path / "palette.png").convert("RGB"), dtype=np.float64) / 255
+    expected_chroma = imresize(rgb2ycbcr(colours), 3.0)[..., 1:] * 255
+    chroma = rgb2ycbcr(np.asarray(palette))[..., 1:].astype(np.float64)
+    assert np.median(np.abs(chroma - expected_chroma)) < 1.5
+    cmyk = Image.open(out / "cmyk_x3.png")
+    assert cmyk.mode == "RGB" and cmyk.size == (72, 60)
+    dot = Image.open(out / "dot_x3.png")
+    assert dot.mode == "RGB" and dot.size == (3, 3)

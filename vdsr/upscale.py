@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # Released weights will live here; until then ``--model`` is required.
 PRETRAINED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "vdsr.pt"
 DEFAULT_TILE = 512  # tile side in pixels of the network input; 0: the whole image at once
+# Largest input accepted, in pixels, checked on the declared size before decoding (decompression
+# bombs). The colour path holds the whole upscaled image in float64: 16 Mpx at x4 is ~6 GB.
+DEFAULT_MAX_PIXELS = 16_000_000
 SCALES = (2, 3, 4)
 
 
@@ -190,11 +193,31 @@ def _png_16bit_samples(image: Image.Image, path: Path) -> np.ndarray | None:
     return None
 
 
-def read_picture(path: Path) -> Picture:
-    """Read an image file for upscaling; :class:`vdsr.images.ImageError` naming the file if it cannot."""
+def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+    """``Image.open`` (header only), refusing a declared size over ``max_pixels`` before any decoding."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our limit replaces Pillow's
+    try:
+        image = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(
+            f"{path}: declares {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(--max-pixels); refused before decoding"
+        )
+    return image
+
+
+def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Read an image file for upscaling; :class:`vdsr.images.ImageError` naming the file if it cannot.
+
+    Images declaring more than ``max_pixels`` pixels are refused from their header, before decoding.
+    """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _open_checked(path, max_pixels) as image:
             samples16 = _png_16bit_samples(image, path)
             image.load()
             mode = image.mode
@@ -315,6 +338,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
     )
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        help=f"refuse inputs declaring more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS:,})",
+    )
     parser.set_defaults(run=run)
 
 
@@ -341,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for image, target in zip(args.images, targets):
         try:
-            picture = read_picture(image)
+            picture = read_picture(image, args.max_pixels)
         except ImageError as error:
             print(f"vdsr upscale: error: {error}", file=sys.stderr)
             failed += 1
