@@ -3,7 +3,7 @@
 Run from the repository root: ``python stages/evaluate.py``. Reads the ``evaluate`` section of
 ``params.yaml``, ``models/model.pt``, ``models/mlflow_run.json`` (``{"run_id": .., "tracking_uri":
 ..}`` from the train stage), ``metrics/bicubic.json`` and ``data/raw/<set>``. Scores come from
-:func:`vdsr.evaluate.evaluate_folder` with :func:`vdsr.upscale.load_upscaler`, the code behind
+:func:`vdsr.evaluate.evaluate_folder` with :func:`vdsr.upscale.model_upscaler`, the code behind
 ``vdsr evaluate --model``, so both give the same numbers. Writes ``metrics/eval.json`` (shaped
 like ``metrics/bicubic.json``), ``reports/results.md`` and comparison figures in
 ``plots/images/``, then completes the train stage's MLflow run with them (``eval/Set5/x2/psnr``).
@@ -26,9 +26,9 @@ from vdsr.color import modcrop
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError, list_images, read_image
 from vdsr.io import atomic_path, error_message, write_json_atomic, write_text_atomic
-from vdsr.models import ModelFileError, load_model
+from vdsr.models import ModelFileError, load_model, resolve_device
 from vdsr.resize import imresize
-from vdsr.upscale import load_upscaler, upscale_pixels
+from vdsr.upscale import model_upscaler, upscale_pixels
 
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")
@@ -102,9 +102,10 @@ def evaluate_stage() -> None:
 
     run_info = read_json(RUN_FILE)
     bicubic = read_json(BICUBIC)
-    _model, config, meta = load_model(MODEL)
+    device = resolve_device(DEVICE)
+    model, config, meta = load_model(MODEL, map_location=device)
     label = f"{config.name.upper()} d{config.depth}"
-    upscaler = load_upscaler(MODEL, DEVICE)
+    upscaler = model_upscaler(model, device)
 
     table, per_image = {}, {}
     for dataset in sets:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError, list_images
-from vdsr.io import atomic_path, error_message
+from vdsr.io import atomic_path, error_message, remove_stale_temporaries
 from vdsr.prepare import write_training_set, write_validation_set
 
 RAW_DIR = Path("data/raw")
@@ -61,8 +61,8 @@ def main() -> int:
         log.info("prepare: params %s", dataclasses.asdict(params))
         train_images = [path for name in params.train_sets for path in list_images(RAW_DIR / name)]
         val_images = list_images(RAW_DIR / params.val_set)
-        for stale in PREPARED_DIR.glob(".*.h5.*.tmp"):  # temporary files of a killed run (kill -9 skips cleanup)
-            stale.unlink()
+        for output in (PREPARED_DIR / "train.h5", PREPARED_DIR / "val.h5"):
+            remove_stale_temporaries(output)  # left by a killed run
 
         started = time.perf_counter()
         # val.h5 is renamed into place only after train.h5: a failure leaves both previous files.

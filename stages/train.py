@@ -29,9 +29,9 @@ import torch
 
 from vdsr import tracking
 from vdsr.config import ParamsError, load_params, load_section, require
-from vdsr.io import error_message, write_json_atomic, write_text_atomic
+from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
-from vdsr.prepare import load_patches, load_validation, patch_size_of, sha256_file
+from vdsr.prepare import load_patches, load_validation, patch_size_of
 from vdsr.train import (
     CheckpointError,
     TrainConfig,

@@ -47,7 +47,7 @@ from urllib.error import HTTPError, URLError
 
 from tqdm import tqdm
 
-from vdsr.io import atomic_path, describe_os_error
+from vdsr.io import atomic_path, describe_os_error, sha256_file
 
 MIRROR_ENV = "VDSR_DATA_MIRROR"  # environment variable that replaces the manifest's base_url
 MAX_BACKOFF_S = 30.0  # longest wait between two attempts, whatever the number of retries
@@ -189,15 +189,6 @@ def file_url(source: str, entry: ManifestEntry) -> str:
 # --- fetching one file --------------------------------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
-    """Lowercase hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def backoff_delay(attempt: int, base_s: float, cap_s: float = MAX_BACKOFF_S) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (0-based): base, 2 base, 4 base, ..."""
     return min(base_s * 2.0 ** min(attempt, 64), cap_s)  # the exponent bound avoids float overflow
@@ -297,7 +288,7 @@ def _prune(root: Path, sets: Sequence[str], destinations: dict[Path, tuple[str, 
 
 
 def _is_verified(path: Path, sha256: str) -> bool:
-    return path.is_file() and file_sha256(path) == sha256
+    return path.is_file() and sha256_file(path) == sha256
 
 
 def download_sets(

@@ -27,7 +27,6 @@ Layout of ``val.h5``: group ``x{s}`` per scale, in it one group per image name w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -43,7 +42,7 @@ from tqdm import tqdm
 from vdsr.color import modcrop, rgb2y
 from vdsr.evaluate import degrade, hr_luma
 from vdsr.images import ImageError, read_image
-from vdsr.io import atomic_path
+from vdsr.io import atomic_path, sha256_file
 from vdsr.resize import imresize
 
 log = logging.getLogger(__name__)
@@ -58,15 +57,6 @@ class PatchSet:
     lr: np.ndarray  # (N, 1, P, P) float16, Y / 255
     hr: np.ndarray  # (N, 1, P, P) uint8, Y in [16, 235]
     scale: np.ndarray  # (N,) uint8
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def grid_patches(image: np.ndarray, patch_size: int, stride: int) -> np.ndarray:

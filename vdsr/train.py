@@ -64,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vdsr.evaluate import to_uint8
+from vdsr.io import remove_stale_temporaries
 from vdsr.metrics import psnr
 from vdsr.models import ModelConfig, build_model, resolve_device, save_atomic, unwrapped_state_dict
 
@@ -363,9 +364,8 @@ def checkpoint_to_resume(
 
     Also removes temporary files left beside it by a writer that was killed mid-write.
     """
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # see vdsr.io.atomic_path
-        log.info("removing %s, left by an interrupted checkpoint write", stale)
-        stale.unlink(missing_ok=True)
+    for stale in remove_stale_temporaries(path):
+        log.info("removed %s, left by an interrupted checkpoint write", stale)
     if not path.exists():
         return None
     payload = load_checkpoint(path)

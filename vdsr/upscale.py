@@ -132,9 +132,14 @@ def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upsca
     The models are multi-scale: the scale argument is not used.
     """
     model, target = load_network(Path(path), device)
+    return model_upscaler(model, target, tile=tile)
+
+
+def model_upscaler(model: torch.nn.Module, device: torch.device, *, tile: int = DEFAULT_TILE) -> Upscaler:
+    """An :data:`vdsr.evaluate.Upscaler` running ``model`` (already on ``device``) in float32."""
 
     def upscaler(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
-        return predict_y(model, bicubic_y, target, tile, amp=False)
+        return predict_y(model, bicubic_y, device, tile, amp=False)
 
     return upscaler
 
