@@ -1,23 +1,28 @@
 """Training-step throughput (patches/s): our loop's step against a plain reference loop, in one run.
 
 Ours is exactly what ``vdsr.train.train`` does per step: batch cut from the patch set held on the
-device, flips/rotations on the device, channels_last + bf16 autocast + fused SGD on CUDA,
-adjustable clipping. The reference is the common PyTorch VDSR recipe: fp32, eager, NCHW, a
+device, flips/rotations on the device, fused SGD on CUDA, adjustable clipping (one fused call),
+under each runtime lever alone and together (precision, channels_last, torch.compile; see
+:mod:`vdsr.runtime`). The reference is the common PyTorch VDSR recipe: fp32, eager, NCHW, a
 ``DataLoader`` that reads the HDF5 file item by item through h5py, SGD, ``clip_grad_norm_``.
-Both time the whole step, data included, after warm-up, between device synchronisations.
+All time the whole step, data included, after warm-up, between device synchronisations, in
+alternating rounds so that background load hits every variant alike; the best round counts.
 
-    python bench/train.py --synthetic                   # random patches, paper's model
-    python bench/train.py --steps 5 --depth 20          # data/prepared/train.h5
+    python bench/train.py --synthetic --json out/bench_train.json   # random patches, paper's model
+    python bench/train.py --steps 5 --rounds 3                       # data/prepared/train.h5
+    python bench/train.py --synthetic --compile                      # also the compiled default
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -29,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from vdsr.models import ModelConfig, build_model
 from vdsr.models import resolve_device
 from vdsr.prepare import load_patches
+from vdsr.runtime import compiled, device_description, resolve_runtime, training_flags
 from vdsr.train import (
     TrainConfig,
     augment,
@@ -37,7 +43,6 @@ from vdsr.train import (
     get_batch,
     make_optimizer,
     place_patches,
-    runtime_switches,
     train_step,
 )
 
@@ -88,16 +93,38 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> fl
     return (time.perf_counter() - start) / steps
 
 
-def setup_ours(path: Path, model_config: ModelConfig, args: argparse.Namespace,
-               device: torch.device) -> Callable[[], None]:
-    """One step of ``vdsr.train.train`` (the paper's recipe: SGD, adjustable clipping)."""
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    precision: str
+    channels_last: bool
+    compile: str = "none"
+
+
+def variants(device: torch.device, with_compile: bool) -> list[Variant]:
+    """Each lever alone and together; the default (what ``precision: auto`` etc. select) is among them."""
+    found = [Variant("fp32 NCHW", "fp32", False), Variant("fp32 channels_last", "fp32", True)]
+    if resolve_runtime(device, "auto").precision == "bf16" or device.type == "cpu":
+        found += [Variant("bf16 NCHW", "bf16", False), Variant("bf16 channels_last", "bf16", True)]
+    if with_compile:
+        default = resolve_runtime(device, "auto")
+        found.append(Variant(f"{default.precision} channels_last compiled", default.precision, True, "default"))
+        if device.type == "cuda":
+            found.append(Variant(f"{default.precision} channels_last reduce-overhead", default.precision, True,
+                                 "reduce-overhead"))
+    return found
+
+
+def setup_ours(path: Path, model_config: ModelConfig, args: argparse.Namespace, device: torch.device,
+               variant: Variant) -> Callable[[], None]:
+    """One step of ``vdsr.train.train`` (the paper's recipe: SGD, adjustable clipping) under ``variant``."""
     config = TrainConfig(batch_size=args.batch_size)
+    runtime = resolve_runtime(device, variant.precision, variant.channels_last, variant.compile)
     patches = load_patches(path)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(0)
-    model = build_model(model_config).to(device, memory_format=memory_format).train()
+    model = build_model(model_config).to(device, memory_format=runtime.memory_format).train()
     optimizer = make_optimizer(model, config, device)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = compiled(model, runtime)
     lr_patches, hr_patches = place_patches(patches.lr, patches.hr, device)
     total = args.warmup + args.rounds * args.steps
     generator = epoch_generator(0, 1)
@@ -109,10 +136,10 @@ def setup_ours(path: Path, model_config: ModelConfig, args: argparse.Namespace,
         i = next(counter)
         x, y = get_batch(lr_patches, hr_patches, order[i], device)
         x, y = augment(x, y, transforms[i])
-        x = x.contiguous(memory_format=memory_format)
-        with runtime_switches(device) as autocast:  # our flags for our steps only, not the reference's
+        x = x.contiguous(memory_format=runtime.memory_format)
+        with training_flags(runtime):  # our flags for our steps only, not the reference's
             train_step(step_model, optimizer, x, y, lr=config.lr, clip=config.clip,
-                       clip_theta=config.clip_theta, autocast=autocast)
+                       clip_theta=config.clip_theta, autocast=runtime.autocast())
 
     return step
 
@@ -156,12 +183,6 @@ def profiled(step: Callable[[], None], steps: int, device: torch.device) -> floa
     return seconds
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", action="store_true", help="random patches in a temporary HDF5 file")
@@ -176,14 +197,20 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=min(4, (os.cpu_count() or 2) // 2),
                         help="reference DataLoader worker processes")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of our steps")
+    parser.add_argument("--compile", action="store_true", help="also time the default variant under torch.compile")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the default's steps")
+    parser.add_argument("--json", type=Path, help="write the summary as JSON to this file")
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     model_config = ModelConfig("vdsr", args.depth, args.width)
-    seconds: dict[str, list[float]] = {"ours": [], "reference": []}
+    chosen = variants(device, args.compile)
+    default = resolve_runtime(device, "auto")
+    default_name = next(v.name for v in chosen if (v.precision, v.channels_last, v.compile)
+                        == (default.precision, default.channels_last, default.compile))
+    reference = f"reference (fp32 eager NCHW, DataLoader+h5py, {args.workers} workers, clip_grad_norm_)"
+    seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.data
         if args.synthetic:
@@ -192,32 +219,36 @@ def main() -> None:
             write_synthetic(path, n, args.patch_size)
         with h5py.File(path, "r") as h5:
             patch_size = h5["lr"].shape[-1]
-        steps = {"ours": setup_ours(path, model_config, args, device)}
-        if not args.skip_reference:
-            steps["reference"] = setup_reference(path, model_config, args, device)
-        for step in steps.values():  # warm-up: cuDNN autotuning, allocator, DataLoader workers
+        steps = {} if args.skip_reference else {reference: setup_reference(path, model_config, args, device)}
+        for variant in chosen:
+            steps[variant.name] = setup_ours(path, model_config, args, device, variant)
+        for step in steps.values():  # warm-up: compilation, cuDNN autotuning, allocator, DataLoader workers
             for _ in range(args.warmup):
                 step()
-        for _ in range(args.rounds):  # rounds alternate the variants, so background load hits both
-            for key, step in steps.items():
-                if args.profile and key == "ours":
-                    seconds[key].append(profiled(step, args.steps, device))
-                else:
-                    seconds[key].append(time_steps(step, args.steps, device))
+        for _ in range(args.rounds):  # rounds alternate the variants, so background load hits all alike
+            for name, step in steps.items():
+                run = profiled if args.profile and name == default_name else time_steps
+                seconds.setdefault(name, []).append(run(step, args.steps, device))
 
-    ours_label = "bf16 autocast, channels_last, resident, fused SGD" if device.type == "cuda" else "fp32, resident"
-    labels = {"ours": f"ours ({ours_label}{', compiled' if args.compile else ''})",
-              "reference": f"reference (fp32 eager NCHW, DataLoader+h5py, {args.workers} workers)"}
-    print(f"device: {device_name(device)}; torch {torch.__version__}")
+    print(f"device: {device_description(device)}; torch {torch.__version__}")
     print(f"VDSR {args.depth}x{args.width}, batch {args.batch_size}, {patch_size}x{patch_size} patches, "
           f"{'synthetic' if args.synthetic else path} data, {args.warmup} warm-up steps, best of {args.rounds} "
-          f"rounds of {args.steps} timed steps")
-    print(f"{'variant':<72} {'ms/step':>9} {'patches/s':>10}")
-    best = {key: min(values) for key, values in seconds.items() if values}  # least disturbed round
-    for key, value in best.items():
-        print(f"{labels[key]:<72} {value * 1e3:>9.1f} {args.batch_size / value:>10.0f}")
-    if "reference" in best:
-        print(f"speed-up of ours: {best['reference'] / best['ours']:.2f}x")
+          f"rounds of {args.steps} timed steps; default (precision auto, channels_last): {default_name}")
+    best = {name: min(values) for name, values in seconds.items()}  # least disturbed round
+    base = best.get(reference)
+    print(f"{'variant':<84} {'ms/step':>9} {'patches/s':>10} {'x ref':>6}")
+    rows = []
+    for name, value in best.items():
+        ratio = f"{base / value:>6.2f}" if base else ""
+        print(f"{name + (' [default]' if name == default_name else ''):<84} {value * 1e3:>9.1f} "
+              f"{args.batch_size / value:>10.1f} {ratio}")
+        rows.append({"name": name, "patches_per_s": round(args.batch_size / value, 2), "ms_per_step": round(value * 1e3, 1)})
+    if args.json:
+        summary = {"device": device_description(device), "torch": torch.__version__, "batch_size": args.batch_size,
+                   "reference": reference if base else None, "variants": rows, "default": default_name}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 training record (metrics/train.json, plots/train.csv, checkpoints/last.pt, an MLflow run whose id
 goes to models/mlflow_run.json). Run from the repository root: ``python stages/train.py``.
 
+Time and interrupts: after the first steps the stage says how long the whole run will take at
+the measured speed (and warns when that is days on a CPU). Ctrl-C or SIGTERM stops after the
+current step with a checkpoint and one line saying how to resume; a checkpoint is also written
+every ``train.checkpoint_minutes`` of training, so the same command continues where it stopped.
+
 Several GPUs or nodes: ``torchrun --standalone --nproc-per-node=8 stages/train.py``, or, to keep
 DVC's command line, ``VDSR_TORCHRUN="--standalone --nproc-per-node=8" dvc repro``: the stage
 then relaunches itself under torchrun with those options. Every process trains its share of each
@@ -16,13 +21,14 @@ import logging
 import os
 import re
 import shlex
+import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,16 +38,10 @@ from vdsr.config import ParamsError, load_params, load_section, require
 from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
 from vdsr.prepare import load_patches, load_validation, patch_size_of
-from vdsr.train import (
-    CheckpointError,
-    TrainConfig,
-    TrainResult,
-    World,
-    process_device,
-    process_group,
-    torchrun_world,
-    train,
-)
+from vdsr.checkpoints import CheckpointError, Position
+from vdsr.distributed import World, process_device, process_group, torchrun_world
+from vdsr.runtime import COMPILE_MODES, Runtime, resolve_runtime
+from vdsr.train import TrainConfig, TrainingInterrupted, TrainResult, train
 
 log = logging.getLogger("stages.train")
 
@@ -63,20 +63,28 @@ class TrainParams:
     model: Literal["vdsr", "srcnn"]
     depth: int
     width: int
-    optimizer: Literal["sgd", "adam"]
+    optimizer: Literal["sgd", "adam", "adamw"]
     lr: float
     momentum: float
     weight_decay: float
+    lr_schedule: Literal["step", "cosine"]
     lr_step_epochs: int
     lr_gamma: float
+    min_lr: float
+    warmup_steps: int
     epochs: int
     batch_size: int
+    loss: Literal["l2", "mse", "l1"]
     clip: Literal["adjustable", "norm", "none"]
     clip_theta: float
     augment: bool
     steps_per_epoch: int
     seed: int
     device: str
+    precision: Literal["auto", "fp32", "bf16"]
+    channels_last: bool
+    compile: Literal[COMPILE_MODES]  # type: ignore[valid-type]
+    checkpoint_minutes: float
 
     def __post_init__(self) -> None:
         require(self.depth >= 3, "train.depth", "an integer >= 3", self.depth)
@@ -112,6 +120,28 @@ def relaunch_under_torchrun(options: str) -> None:
     os.execv(sys.executable, command)
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, with a checkpoint;
+    a second one stops at once. Called, it says whether a stop was asked for (``train(stop=...)``)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\ntrain: {signal.Signals(signum).name} received, stopping after this step with a checkpoint "
+              "(again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
 def main() -> int:
     if os.environ.get(TORCHRUN_ENV, "").strip() and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(os.environ[TORCHRUN_ENV])
@@ -119,15 +149,27 @@ def main() -> int:
     # Rank 0 speaks for all; the other processes report only warnings and errors.
     prefix = f"rank {world.rank}: " if world.rank else ""
     logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING, format=f"{prefix}%(message)s")
+    stop = StopRequest()
+    stop.install()
     try:
-        train_stage(world)
+        train_stage(world, stop)
     except (ParamsError, CheckpointError, ModelFileError, ValueError, OSError) as error:
         print(f"train: {prefix}error: {error_message(error)}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stopped:
+        name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+        where = (f"checkpoint {stopped.checkpoint_path} holds it; run the same command again (dvc repro) to resume"
+                 if stopped.checkpoint_path else "no checkpoint")
+        print(f"train: {prefix}stopped by {name} after {stopped.position}; {where}", file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGINT)
+    except KeyboardInterrupt:
+        print(f"train: {prefix}stopped at once by a second signal; the last checkpoint (if any) is kept",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
-def train_stage(world: World) -> None:
+def train_stage(world: World, stop: Callable[[], bool] | None = None) -> None:
     p = load_section(TrainParams, "train", PARAMS_FILE)
     if world.size > 1:
         require(p.batch_size % world.size == 0, f"{PARAMS_FILE}: train.batch_size",
@@ -136,11 +178,14 @@ def train_stage(world: World) -> None:
         require(not p.device.startswith("cuda:"), f"{PARAMS_FILE}: train.device",
                 "auto, cuda or cpu under torchrun (each process uses cuda:LOCAL_RANK)", p.device)
     device = process_device(p.device, world)
+    if p.device == "auto" and device.type == "cpu":
+        log.info("device auto: no CUDA GPU found, training on the CPU")
+    runtime = resolve_runtime(device, p.precision, p.channels_last, p.compile)
     with process_group(world, device):
-        train_and_write(p, world, device)
+        train_and_write(p, world, runtime, stop)
 
 
-def train_and_write(p: TrainParams, world: World, device: torch.device) -> None:
+def train_and_write(p: TrainParams, world: World, runtime: Runtime, stop: Callable[[], bool] | None = None) -> None:
     all_params = load_params(PARAMS_FILE)  # as given: all of it to MLflow, the train section to the model file
     section = all_params["train"]
 
@@ -148,11 +193,7 @@ def train_and_write(p: TrainParams, world: World, device: torch.device) -> None:
     if p.model == "srcnn":
         log.info("model srcnn: train.depth (%d) is not used, SRCNN has 3 layers (9-5-5)", p.depth)
     model_config = ModelConfig(name=p.model, depth=p.depth if p.model == "vdsr" else 3, width=p.width)
-    config = TrainConfig(
-        optimizer=p.optimizer, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
-        lr_step_epochs=p.lr_step_epochs, lr_gamma=p.lr_gamma, epochs=p.epochs, batch_size=p.batch_size,
-        clip=p.clip, clip_theta=p.clip_theta, augment=p.augment, steps_per_epoch=p.steps_per_epoch, seed=p.seed,
-    )
+    config = TrainConfig(**{field.name: getattr(p, field.name) for field in fields(TrainConfig)})
 
     patch_size = patch_size_of(TRAIN_FILE)  # checked before the patches are loaded
     field = receptive_field(model_config)
@@ -168,11 +209,11 @@ def train_and_write(p: TrainParams, world: World, device: torch.device) -> None:
     log.info("%s: %d parameters, receptive field %d px", model_config,
              count_parameters(build_model(model_config)), receptive_field(model_config))
 
-    def fit(on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    def fit(**callbacks: Any) -> TrainResult:
         return train(
-            patches.lr, patches.hr, validation, model_config, config,
-            device=device, checkpoint_path=CHECKPOINT_FILE, data_id=f"{train_sha256}+{val_sha256}",
-            on_epoch_end=on_epoch_end,
+            patches.lr, patches.hr, validation, model_config, config, runtime=runtime,
+            checkpoint_path=CHECKPOINT_FILE, checkpoint_every_s=p.checkpoint_minutes * 60 or None,
+            data_id=f"{train_sha256}+{val_sha256}", stop=stop, **callbacks,
         )
 
     if world.rank != 0:  # the other processes train their share of each batch and write nothing
@@ -180,7 +221,8 @@ def train_and_write(p: TrainParams, world: World, device: torch.device) -> None:
         return
 
     repo_root = Path.cwd()
-    tags = tracking.reproducibility_tags(repo_root)
+    tags = tracking.reproducibility_tags(repo_root, runtime.device)
+    tags.update(runtime.tags())
     tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256,
                  "processes": str(world.size)})
     started = time.perf_counter()
@@ -189,11 +231,22 @@ def train_and_write(p: TrainParams, world: World, device: torch.device) -> None:
         def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
             run.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch)
 
-        result = fit(on_epoch_end)
+        def on_start(position: Position, extra: dict[str, Any]) -> None:
+            if position.epoch or position.step:  # say which run this one continues
+                earlier = extra.get("mlflow_run_id") or "unknown"
+                run.set_tags({"resumed_from": str(position), "resumed_from_epoch": str(position.epoch),
+                              "continues_run": earlier,
+                              "mlflow.note.content": f"Continues run {earlier} from {CHECKPOINT_FILE} after {position}."})
+
+        try:
+            result = fit(on_start=on_start, on_epoch_end=on_epoch_end,
+                         checkpoint_extra={"mlflow_run_id": run.run_id or run.started_run_id})
+        except TrainingInterrupted as stopped:
+            run.set_tags({"stopped_after": str(stopped.position)})
+            run.end("KILLED")
+            raise
         for row in result.history[: result.resumed_from]:  # epochs of an earlier, interrupted run
             on_epoch_end(int(row["epoch"]), row)
-        if result.resumed_from:
-            run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
 
         history = result.history
         final = history[-1]

@@ -87,7 +87,7 @@ def test_load_model_refuses_code_in_a_model_file(tmp_path: Path, kind: str) -> N
 
 def test_checkpoint_loader_refuses_code(tmp_path: Path) -> None:
     """A persisted checkpoints/last.pt is read back by the next training run."""
-    from vdsr.train import CheckpointError, load_checkpoint
+    from vdsr.checkpoints import CheckpointError, load_checkpoint
 
     marker = tmp_path / "ran"
     path = malicious_file("torch-zip", tmp_path / "last.pt", marker)
@@ -150,7 +150,7 @@ def test_every_torch_load_is_weights_only() -> None:
             if name == "torch.load":
                 seen += 1
                 assert keyword(call, "weights_only") is True, f"{path}:{call.lineno}: {ast.unparse(call)}"
-    assert seen >= 2  # vdsr.models.load_model and vdsr.train.load_checkpoint at least
+    assert seen >= 2  # vdsr.models.load_model and vdsr.checkpoints.load_checkpoint at least
 
 
 def test_no_shell_no_pickle_no_eval_in_the_code() -> None:

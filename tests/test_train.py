@@ -201,7 +201,7 @@ def test_checkpoint_of_other_settings_is_ignored_with_a_warning(small, tmp_path,
     checkpoint = tmp_path / "last.pt"
     one_epoch = dataclasses.replace(QUICK, epochs=1)
     train(lr, hr, validation, TINY, one_epoch, device="cpu", progress=False, checkpoint_path=checkpoint, data_id="d")
-    with caplog.at_level(logging.WARNING, logger="vdsr.train"):
+    with caplog.at_level(logging.WARNING, logger="vdsr.checkpoints"):
         result = train(lr, hr, validation, TINY, dataclasses.replace(one_epoch, lr=0.05), device="cpu",
                        progress=False, checkpoint_path=checkpoint, data_id="d")
     assert result.resumed_from == 0

@@ -224,10 +224,13 @@ def data_hashes(repo_root: Path, stages: tuple[str, ...] = DATA_STAGES) -> dict[
     return hashes
 
 
-def reproducibility_tags(repo_root: Path) -> dict[str, str]:
+def reproducibility_tags(repo_root: Path, device: Any = None) -> dict[str, str]:
     """Tags that say what produced a run: git commit and dirty flag, DVC experiment, data hashes,
-    library versions and the compute device. Seeds are params, not tags."""
+    library versions and the compute device actually used (``device``; default: the CPU). Seeds
+    are params, not tags."""
     import torch
+
+    from vdsr.runtime import device_description
 
     repo_root = Path(repo_root)
     tags: dict[str, str] = {}
@@ -257,9 +260,7 @@ def reproducibility_tags(repo_root: Path) -> dict[str, str]:
     tags["torch.cuda"] = torch.version.cuda or "none"
     if torch.cuda.is_available():
         tags["cudnn.version"] = str(torch.backends.cudnn.version())
-        tags["device"] = torch.cuda.get_device_name(0)
-    else:
-        tags["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    tags["device"] = device_description(torch.device(device or "cpu"))
     tags["platform"] = platform.platform()
     return tags
 

@@ -75,16 +75,20 @@ def predict_y(
     tile: int = DEFAULT_TILE,
     overlap: int | None = None,
     *,
-    amp: bool = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """The network's HR luma for the bicubic-upscaled luma ``y`` (H, W), float on [0, 1] -> float64 (H, W).
 
     ``tile``: side of the tiles the image is cut into (0: whole image). ``overlap``: input pixels
     added around each tile (default: the model's receptive-field radius, the smallest value for
-    which tiled equals whole-image inference). ``amp``: bfloat16 autocast on CUDA (no effect on
-    CPU). The output is not clipped.
+    which tiled equals whole-image inference). ``precision``: ``fp32`` (default) computes in exact
+    fp32 (:func:`vdsr.runtime.exact_fp32`: no autocast, no TF32), as evaluation must; ``bf16``
+    runs under bfloat16 autocast, faster on GPUs and CPUs with native bf16 but with 8 significant
+    bits (about 1/256 of the signal: visible in 16-bit output). The output is not clipped.
     """
     import torch
+
+    from vdsr.runtime import exact_fp32
 
     if y.ndim != 2:
         raise ValueError(f"predict_y expects a (H, W) luma array, got shape {y.shape}")
@@ -97,13 +101,18 @@ def predict_y(
         )
     if tile < 0:
         raise ValueError(f"tile must be >= 0 (0: no tiling), got {tile}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     device = torch.device(device)
     height, width = y.shape
     tile = tile or max(height, width)
     y32 = np.ascontiguousarray(y, dtype=np.float32)
     out = np.empty((height, width), dtype=np.float32)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-    with torch.inference_mode(), autocast:
+    if precision == "bf16":
+        numerics = torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        numerics = exact_fp32(device)
+    with torch.inference_mode(), numerics:
         for top in range(0, height, tile):
             for left in range(0, width, tile):
                 bottom, right = min(top + tile, height), min(left + tile, width)
@@ -128,7 +137,7 @@ def load_network(path: Path, device: str) -> tuple[torch.nn.Module, torch.device
 def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upscaler:
     """An :data:`vdsr.evaluate.Upscaler` running the model at ``path`` (for ``vdsr evaluate``).
 
-    Runs in float32 (no bfloat16 autocast), so metrics do not depend on the device's rounding.
+    Runs in exact fp32 (no autocast, no TF32), so metrics do not depend on the device's rounding.
     The models are multi-scale: the scale argument is not used.
     """
     model, target = load_network(Path(path), device)
@@ -136,10 +145,10 @@ def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upsca
 
 
 def model_upscaler(model: torch.nn.Module, device: torch.device, *, tile: int = DEFAULT_TILE) -> Upscaler:
-    """An :data:`vdsr.evaluate.Upscaler` running ``model`` (already on ``device``) in float32."""
+    """An :data:`vdsr.evaluate.Upscaler` running ``model`` (already on ``device``) in exact fp32."""
 
     def upscaler(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
-        return predict_y(model, bicubic_y, device, tile, amp=False)
+        return predict_y(model, bicubic_y, device, tile, precision="fp32")
 
     return upscaler
 
@@ -344,6 +353,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
     )
     parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32",
+        help="fp32 (default, exact) | bf16: faster on GPUs and CPUs with native bf16, 8 significant bits",
+    )
+    parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
         help=f"refuse inputs declaring more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS:,})",
     )
@@ -368,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     def luma(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
-        return predict_y(model, bicubic_y, device, args.tile, args.overlap)
+        return predict_y(model, bicubic_y, device, args.tile, args.overlap, precision=args.precision)
 
     failed = 0
     for image, target in zip(args.images, targets):

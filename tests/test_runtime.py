@@ -1,0 +1,249 @@
+"""Runtime choices (precision, layout, compilation) run by the same code on every device, each
+exercised on the CPU: bf16 learns like fp32, resume is exact in each mode, a checkpoint crosses
+precisions, evaluation is exact fp32 whatever the surroundings, and the recipe's schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vdsr import evaluate
+from vdsr.checkpoints import load_checkpoint
+from vdsr.distributed import gpu_index
+from vdsr.images import list_images, read_image
+from vdsr.models import ModelConfig, build_model
+from vdsr.prepare import load_patches, load_validation, write_training_set, write_validation_set
+from vdsr.runtime import bf16_is_native, cpu_has_native_bf16, exact_fp32, fp32_precisions, resolve_runtime
+from vdsr.train import (
+    LOG_EVERY,
+    TrainConfig,
+    TrainingInterrupted,
+    announce_estimate,
+    cosine_lr,
+    learning_rate,
+    sr_loss,
+    train,
+    validate,
+)
+from vdsr.upscale import model_upscaler, predict_y
+
+CPU = torch.device("cpu")
+TINY = ModelConfig("vdsr", depth=3, width=8)
+QUICK = TrainConfig(optimizer="adam", lr=1e-3, clip="norm", clip_theta=1.0, epochs=2, batch_size=8,
+                    steps_per_epoch=2 * LOG_EVERY, seed=3, loss="mse")
+MODES = {
+    "fp32": resolve_runtime(CPU, "fp32", channels_last=False),
+    "fp32-channels_last": resolve_runtime(CPU, "fp32", channels_last=True),
+    "bf16-channels_last": resolve_runtime(CPU, "bf16", channels_last=True),
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, set5_dir):
+    folder = tmp_path_factory.mktemp("prepared")
+    images = sorted(set5_dir.iterdir())
+    write_training_set(images, folder / "train.h5", scales=[2], downsizing=[1.0], patch_size=41, stride=41)
+    write_validation_set(images, folder / "val.h5", scales=[2])
+    patches = load_patches(folder / "train.h5")
+    return patches.lr, patches.hr, load_validation(folder / "val.h5")
+
+
+def small(data):
+    lr, hr, validation = data
+    return lr[:96], hr[:96], {2: [v for v in validation[2] if v[0] in {"bird", "butterfly"}]}
+
+
+# --- choosing -----------------------------------------------------------------------------------
+
+
+def test_auto_picks_bf16_exactly_where_the_cpu_has_it_natively():
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() == flags == bf16_is_native(CPU)
+    assert resolve_runtime(CPU, "auto").precision == ("bf16" if flags else "fp32")
+    assert resolve_runtime(CPU, "fp32").precision == "fp32"
+    runtime = resolve_runtime(CPU, "bf16", channels_last=True, compile="default")
+    assert runtime.tags() == {"runtime.device": runtime.tags()["runtime.device"], "runtime.precision": "bf16",
+                              "runtime.channels_last": "true", "runtime.compile": "default"}
+    assert runtime.tags()["runtime.device"].startswith("cpu (")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_runtime(CPU, "fp16")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        resolve_runtime(CPU, "fp32", compile="fast")
+
+
+def test_one_gpu_per_process_launchers_use_cuda_0():
+    assert gpu_index(local_rank=3, visible=8) == 3
+    assert gpu_index(local_rank=3, visible=1) == 0  # CUDA_VISIBLE_DEVICES set per process
+    with pytest.raises(ValueError, match="local rank 4 has no GPU: this node has 2"):
+        gpu_index(local_rank=4, visible=2)
+
+
+# --- evaluation is exact ------------------------------------------------------------------------
+
+
+class FlagProbe(torch.nn.Module):
+    """Wraps a model and records, at each forward, the autocast state and fp32 backend settings."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.seen: list[tuple[bool, dict[str, str], torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        self.seen.append((torch.is_autocast_enabled("cpu"), fp32_precisions(), out.dtype))
+        return out
+
+
+def test_validation_and_inference_run_in_exact_fp32_whatever_the_surroundings(data, set5_dir):
+    probe = FlagProbe(build_model(TINY)).eval()
+    _, _, validation = data
+    image = read_image(next(iter(list_images(set5_dir))))
+    before = fp32_precisions()
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"  # a caller that allows reduced precision ...
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # ... inside bf16 autocast (as training is)
+            validate(probe, {2: validation[2][:1]}, CPU)
+            evaluate.evaluate_images([("x", image)], [2], model_upscaler(probe, CPU))
+            predict_y(probe, np.full((40, 40), 0.5), CPU)  # `vdsr upscale`'s default
+        assert len(probe.seen) == 3
+        for autocast_on, precisions, dtype in probe.seen:
+            assert not autocast_on and dtype == torch.float32
+            assert set(precisions.values()) == {"ieee"}, precisions  # no TF32 (cudnn/cuda), no bf16 (mkldnn)
+        assert fp32_precisions()["mkldnn.conv"] == "bf16"  # the caller's setting is restored
+        predict_y(probe, np.full((40, 40), 0.5), CPU, precision="bf16")  # the option: bf16 on request
+        assert probe.seen[-1][0]  # autocast on (the residual sum with the fp32 input comes out fp32)
+    finally:
+        torch.backends.mkldnn.conv.fp32_precision = before["mkldnn.conv"]
+
+
+# --- training in each mode ----------------------------------------------------------------------
+
+
+def test_bf16_learns_like_fp32(data, set5_dir):
+    lr, hr, validation = data
+    config = TrainConfig(clip_theta=1e-4, epochs=3, batch_size=16, seed=0)  # the paper's recipe, as test_train
+    images = [(p.stem, read_image(p)) for p in list_images(set5_dir)]
+    bicubic = evaluate.evaluate_images(images, [2], evaluate.bicubic_upscaler)["x2"]["psnr"]
+    gains = {}
+    for name in ("fp32", "bf16-channels_last"):
+        result = train(lr, hr, {2: validation[2]}, ModelConfig("vdsr", 5, 16), config, runtime=MODES[name],
+                       progress=False)
+        trained = evaluate.evaluate_images(images, [2], model_upscaler(result.model, CPU))["x2"]["psnr"]
+        gains[name] = trained - bicubic
+    assert gains["fp32"] > 0.1, gains
+    assert abs(gains["bf16-channels_last"] - gains["fp32"]) < 0.1, gains
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path, mode):
+    lr, hr, validation = small(data)
+    runtime = MODES[mode]
+    whole = train(lr, hr, validation, TINY, QUICK, runtime=runtime, progress=False)
+    again = train(lr, hr, validation, TINY, QUICK, runtime=runtime, progress=False)
+    for a, b in zip(whole.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)  # bit-reproducible on the CPU in every mode
+
+    polls = iter(range(10**6))
+    stop_at = LOG_EVERY + 7  # mid-epoch 1, between two progress updates
+
+    def stop() -> bool:
+        return next(polls) + 1 >= stop_at
+
+    checkpoint = tmp_path / "last.pt"
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(lr, hr, validation, TINY, QUICK, runtime=runtime, progress=False, checkpoint_path=checkpoint, stop=stop,
+              checkpoint_extra={"run": "first"})
+    assert (stopped.value.position.epoch, stopped.value.position.step) == (0, stop_at)
+    assert load_checkpoint(checkpoint)["step"] == stop_at
+    seen = []
+    resumed = train(lr, hr, validation, TINY, QUICK, runtime=runtime, progress=False, checkpoint_path=checkpoint,
+                    on_start=lambda position, extra: seen.append((position.step, extra)))
+    assert seen == [(stop_at, {"run": "first"})]
+    assert resumed.history[-1]["train_loss"] == whole.history[-1]["train_loss"]
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_timed_checkpoints_are_written_mid_epoch(data, tmp_path):
+    lr, hr, validation = small(data)
+    writes = []
+    checkpoint = tmp_path / "last.pt"
+
+    def stop() -> bool:  # polled between steps: record what the checkpoint holds then
+        if checkpoint.exists():
+            writes.append(load_checkpoint(checkpoint)["step"])
+        return False
+
+    train(lr, hr, validation, TINY, QUICK, runtime=MODES["fp32"], progress=False, checkpoint_path=checkpoint,
+          checkpoint_every_s=1e-9, stop=stop)
+    assert 1 in writes and 2 * LOG_EVERY - 2 in writes  # every step of the epoch, not only at its end
+
+
+def test_a_checkpoint_resumes_in_another_precision(data, tmp_path, caplog):
+    lr, hr, validation = small(data)
+    checkpoint = tmp_path / "last.pt"
+    one = dataclasses.replace(QUICK, epochs=1)
+    train(lr, hr, validation, TINY, one, runtime=MODES["bf16-channels_last"], progress=False, checkpoint_path=checkpoint)
+    with caplog.at_level(logging.INFO):
+        result = train(lr, hr, validation, TINY, QUICK, runtime=MODES["fp32"], progress=False,
+                       checkpoint_path=checkpoint)
+    assert result.resumed_from == 1 and len(result.history) == 2
+    assert "ignoring checkpoint" not in caplog.text and "resuming from" in caplog.text
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+def test_compiled_training_matches_eager(data):
+    lr, hr, validation = small(data)
+    config = dataclasses.replace(QUICK, epochs=1, steps_per_epoch=3)
+    eager = train(lr, hr, validation, TINY, config, runtime=MODES["fp32"], progress=False)
+    compiled = train(lr, hr, validation, TINY, config, runtime=resolve_runtime(CPU, "fp32", False, "default"),
+                     progress=False)
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
+    for a, b in zip(eager.model.state_dict().values(), compiled.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_with_warm_up_by_hand():
+    assert cosine_lr(0, 100, 1.0, 0.0, 0) == 1.0
+    assert cosine_lr(99, 100, 1.0, 0.1, 0) == pytest.approx(0.1)
+    assert cosine_lr(50, 101, 1.0, 0.0, 0) == pytest.approx(0.5)
+    config = TrainConfig(lr=1e-3, lr_schedule="cosine", min_lr=1e-5, warmup_steps=10, epochs=2)
+    # 2 epochs of 55 steps: warm-up over steps 0..9, then the cosine from step 10 to 109
+    assert learning_rate(config, 1, 0, 55) == pytest.approx(1e-4)
+    assert learning_rate(config, 1, 9, 55) == pytest.approx(1e-3 * cosine_lr(9, 110, 1, 0.01, 10))
+    assert learning_rate(config, 1, 10, 55) == pytest.approx(1e-3)
+    assert learning_rate(config, 2, 54, 55) == pytest.approx(1e-5)
+    mid = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 50 / 99))
+    assert learning_rate(config, 2, 5, 55) == pytest.approx(mid)  # step 60 overall
+    paper = TrainConfig()
+    assert learning_rate(paper, 21, 0, 1447) == pytest.approx(0.01)  # the step schedule, per epoch
+    assert TrainConfig(lr_schedule="cosine").schedule_needs_total and not paper.schedule_needs_total
+
+
+def test_losses_by_hand():
+    prediction = torch.zeros(2, 1, 2, 2)
+    target = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0]).view(2, 1, 2, 2)
+    assert sr_loss(prediction, target, "l2").item() == pytest.approx(0.5 * (4 + 4) / 2)
+    assert sr_loss(prediction, target, "mse").item() == pytest.approx(8 / 8)
+    assert sr_loss(prediction, target, "l1").item() == pytest.approx(6 / 8)
+    assert sr_loss(prediction.bfloat16(), target).dtype == torch.float32  # the loss is taken in fp32
+
+
+def test_the_estimate_warns_of_days_on_a_cpu_and_names_quicker_options(caplog):
+    with caplog.at_level(logging.INFO, logger="vdsr.train"):
+        announce_estimate(25.0, 80 * 1447, 64, MODES["fp32"])  # the paper's schedule at fp32 CPU speed
+    assert "the remaining 115760 steps need about 3.4 days" in caplog.text
+    assert "WARNING" in caplog.text and "make release-cpu" in caplog.text and "make smoke" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vdsr.train"):
+        announce_estimate(60.0, 300, 32, MODES["fp32"])
+    assert "need about 3 min" in caplog.text and "WARNING" not in caplog.text
