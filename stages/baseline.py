@@ -20,7 +20,7 @@ from vdsr.io import error_message, write_json_atomic
 
 RAW_DIR = Path("data/raw")
 METRICS_FILE = Path("metrics/bicubic.json")  # the stage's metrics in dvc.yaml
-TEST_SETS = ("Set5", "Set14", "T91", "BSD200")
+TEST_SETS = ("Set5", "Set14", "B100", "Urban100", "T91", "BSD200")
 
 log = logging.getLogger("vdsr.stages.baseline")
 

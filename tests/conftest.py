@@ -33,7 +33,7 @@ def set5_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) ->
     manifest = json.loads((REPO_ROOT / "data" / "manifest.json").read_text())
     folder = tmp_path_factory.mktemp("raw") / "Set5"
     folder.mkdir()
-    for entry in manifest["sets"]["Set5"]:
+    for entry in manifest["sets"]["Set5"]["files"]:
         shutil.copyfile(shared_datasets / entry["path"], folder / entry["name"])
     return folder
 
@@ -175,7 +175,7 @@ def stage_workdir(root: Path, shared: Path, overrides: dict[str, dict]) -> Path:
     manifest = json.loads((REPO_ROOT / "data/manifest.json").read_text())
     for set_name in ("Set5", "Set14"):
         (root / "data/raw" / set_name).mkdir(parents=True)
-        for entry in manifest["sets"][set_name]:
+        for entry in manifest["sets"][set_name]["files"]:
             shutil.copyfile(shared / entry["path"], root / "data/raw" / set_name / entry["name"])
     (root / "data/manifest.json").write_text(json.dumps(manifest))
     shutil.copyfile(REPO_ROOT / "params.yaml", root / "params.yaml")

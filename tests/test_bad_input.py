@@ -101,7 +101,7 @@ def test_download_refuses_a_mirror_file_with_the_wrong_sha256(workdir: Path, sha
     """A local mirror folder in which one file differs by one byte from what the manifest pins."""
     manifest = json.loads((REPO_ROOT / "data/manifest.json").read_text())
     mirror = workdir.parent / "mirror"
-    for entry in manifest["sets"]["Set5"]:
+    for entry in manifest["sets"]["Set5"]["files"]:
         (mirror / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shared_datasets / entry["path"], mirror / entry["path"])
     tampered = mirror / "data/set5/img_003.png"
@@ -111,7 +111,7 @@ def test_download_refuses_a_mirror_file_with_the_wrong_sha256(workdir: Path, sha
     shutil.rmtree(workdir / "data/raw")
 
     result = run_stage("download", workdir, env={**os.environ, "VDSR_DATA_MIRROR": str(mirror)})
-    expected_sha = next(e["sha256"] for e in manifest["sets"]["Set5"] if e["name"] == "butterfly.png")
+    expected_sha = next(e["sha256"] for e in manifest["sets"]["Set5"]["files"] if e["name"] == "butterfly.png")
     assert_refused(result, "download", "1 of 5 file(s) failed")
     line = next(line for line in result.stderr.splitlines() if "Set5/butterfly.png" in line)
     assert "sha256 mismatch" in line and f"manifest {expected_sha}" in line
