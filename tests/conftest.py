@@ -118,13 +118,24 @@ def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, t
     return result
 
 
+def merge_params(params: dict, overrides: dict) -> None:
+    """Merge ``overrides`` into ``params`` in place: mappings key by key, other values replaced,
+    ``None`` deletes the key (``{"train": {"srcnn": None}}`` leaves one model)."""
+    for key, value in overrides.items():
+        if value is None:
+            params.pop(key, None)
+        elif isinstance(value, dict) and isinstance(params.get(key), dict):
+            merge_params(params[key], value)
+        else:
+            params[key] = value
+
+
 def set_params(params_file: Path, overrides: dict[str, dict]) -> None:
-    """Update sections of a params.yaml in place (keys of each section replaced)."""
+    """Update a params.yaml in place with :func:`merge_params`."""
     import yaml
 
     params = yaml.safe_load(params_file.read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
+    merge_params(params, overrides)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

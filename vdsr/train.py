@@ -67,6 +67,7 @@ from vdsr.evaluate import to_uint8
 from vdsr.io import remove_stale_temporaries
 from vdsr.metrics import psnr
 from vdsr.models import ModelConfig, build_model, resolve_device, save_atomic, unwrapped_state_dict
+from vdsr.upscale import predict_y
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,7 @@ def validate(model: nn.Module, validation: Validation, device: torch.device) -> 
     for scale, images in sorted(validation.items()):
         values = []
         for _name, lr, hr in images:
-            x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None, None].to(device)  # (1, 1, H, W)
-            estimate = model(x)[0, 0].float().cpu().numpy()
+            estimate = predict_y(model, lr, device, tile=0, amp=False)  # the one inference path (fp32)
             values.append(psnr(to_uint8(estimate), hr, crop_border=scale))
         means[scale] = float(np.mean(values))
     model.train(was_training)
