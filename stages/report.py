@@ -173,9 +173,10 @@ def draw_figures(architectures: dict[str, str], rows: list[dict], sets: dict) ->
     written = []
     for set_name, stem, scale, box in FIGURES:
         row = scores.get((set_name, stem, scale))
-        if set_name not in sets or row is None:
-            continue
-        psnrs = {label: float(row[f"{label}_psnr"]) for label in ["bicubic", *architectures]}
+        labels = ["bicubic", *architectures]
+        if set_name not in sets or row is None or any(row[f"{label}_psnr"] == "" for label in labels):
+            continue  # the image or scale is not evaluated by every method
+        psnrs = {label: float(row[f"{label}_psnr"]) for label in labels}
         path = FIGURES_DIR / f"{set_name}_{stem}_x{scale}.png"
         with atomic_path(path) as tmp:
             panel(set_name, stem, scale, box, models, psnrs).save(tmp, format="PNG")

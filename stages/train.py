@@ -96,7 +96,10 @@ class TrainParams:
 
 def load_model_section(name: str, path: Path = PARAMS_FILE) -> TrainParams:
     """Section ``train.<name>`` of ``path`` as :class:`TrainParams`; errors name ``train.<name>.<key>``."""
-    sections = load_params(path).get("train")
+    params = load_params(path)
+    if "train" not in params:
+        raise ParamsError(f"{path}: section 'train' is missing")
+    sections = params["train"]
     require(isinstance(sections, dict) and len(sections) > 0, f"{path}: train",
             "a mapping of model names to sections (train: {vdsr: {...}, srcnn: {...}})", sections)
     require(name in sections, f"{path}: train", f"a section {name!r} (sections: {', '.join(sections)})", name)

@@ -233,7 +233,7 @@ def load_stage():
 
 
 def repo_train_section() -> dict:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["vdsr"]
 
 
 def test_stage_params_are_checked():
@@ -262,27 +262,27 @@ def test_stage_end_to_end(data, tmp_path):
         (tmp_path / "data" / "prepared" / name).symlink_to(data / name)
     section = {**repo_train_section(), "depth": 3, "width": 8, "epochs": 2, "batch_size": 8,
                "steps_per_epoch": 2, "device": "cpu"}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": section}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"vdsr": section}}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("DVC_ROOT", None)
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    with open(tmp_path / "plots" / "train.csv") as handle:
+    with open(tmp_path / "plots" / "train_vdsr.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["epoch", "train_loss", "lr", "val_psnr_x2", "val_psnr_x3"]
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "train_vdsr.json").read_text())
     assert {"train_loss", "val_psnr_x2", "val_psnr_x3", "epochs", "wall_time_s", "patches_per_s"} <= set(metrics)
     assert metrics["epochs"] == 2
-    run = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())
+    run = json.loads((tmp_path / "models" / "vdsr.mlflow_run.json").read_text())
     assert run["run_id"] and run["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
-    model, config, meta = load_model(tmp_path / "models" / "model.pt")
+    model, config, meta = load_model(tmp_path / "models" / "vdsr.pt")
     assert config == ModelConfig("vdsr", 3, 8)
     assert meta["mlflow_run_id"] == run["run_id"] and meta["seed"] == section["seed"] and meta["epochs"] == 2
     assert len(meta["train_data_sha256"]) == 64
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "checkpoints" / "vdsr" / "last.pt").is_file()
 
     from mlflow.tracking import MlflowClient
 
