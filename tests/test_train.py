@@ -225,6 +225,8 @@ def test_non_finite_loss_stops_with_epoch_and_step(small):
 
 
 def load_stage():
+    if str(REPO_ROOT / "stages") not in sys.path:  # as `python stages/train.py` has it: stages/paths.py
+        sys.path.insert(0, str(REPO_ROOT / "stages"))
     spec = importlib.util.spec_from_file_location("train_stage", REPO_ROOT / "stages" / "train.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
