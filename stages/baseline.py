@@ -2,7 +2,9 @@
 
 Run from the repository root: ``python stages/baseline.py``. Reads the ``baseline`` section of
 ``params.yaml`` and ``data/raw/<set>/``; writes ``metrics/bicubic.json`` as
-``{"Set5": {"x2": {"psnr": .., "ssim": ..}, ...}, "Set14": ...}`` (a DVC metrics file).
+``{"Set5": {"x2": {"psnr": .., "ssim": ..}, ...}, "Set14": ...}`` (a DVC metrics file) and
+``results/bicubic.json``, the same with every image's scores (``{"sets": {set: {"x2": {.., "images":
+{name: {"psnr", "ssim"}}}}}}``, as ``results/<model>.json``) for the report's per-image table.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from vdsr.evaluate import bicubic_upscaler, evaluate_folder, format_table, summa
 from vdsr.images import ImageError
 from vdsr.io import error_message, write_json_atomic
 
-RAW_DIR = Path("data/raw")
+from paths import RAW_DIR, RESULTS_DIR
+
 METRICS_FILE = Path("metrics/bicubic.json")  # the stage's metrics in dvc.yaml
-TEST_SETS = ("Set5", "Set14", "T91", "BSD200")
+RESULTS_FILE = RESULTS_DIR / "bicubic.json"  # the stage's outs in dvc.yaml
+TEST_SETS = ("Set5", "Set14", "B100", "Urban100", "T91", "BSD200")
 
 log = logging.getLogger("vdsr.stages.baseline")
 
@@ -44,12 +48,15 @@ def main() -> int:
     try:
         params = load_section(BaselineParams, "baseline")
         log.info("baseline: params %s", dataclasses.asdict(params))
-        table = {name: summary(evaluate_folder(RAW_DIR / name, params.scales, bicubic_upscaler)) for name in params.sets}
+        results = {name: evaluate_folder(RAW_DIR / name, params.scales, bicubic_upscaler, progress=f"bicubic {name}")
+                   for name in params.sets}
+        table = {name: summary(by_scale) for name, by_scale in results.items()}
+        write_json_atomic(RESULTS_FILE, {"sets": results})
         write_json_atomic(METRICS_FILE, table)
     except (ParamsError, ImageError, ValueError, OSError) as error:  # OSError: disk full, read-only folder...
         print(f"baseline: error: {error_message(error)}", file=sys.stderr)
         return 1
-    log.info("baseline: bicubic\n%s\n-> %s", format_table(table), METRICS_FILE)
+    log.info("baseline: bicubic\n%s\n-> %s, %s", format_table(table), METRICS_FILE, RESULTS_FILE)
     return 0
 
 

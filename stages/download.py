@@ -2,7 +2,7 @@
 
 Run from the repository root: ``python stages/download.py``. Reads the ``download`` section of
 ``params.yaml`` and ``data/manifest.json``. ``VDSR_DATA_MIRROR`` (a local folder or a base URL
-with the manifest's relative paths) replaces the manifest's ``base_url``. See
+holding every source's files at their public relative paths) replaces the sets' sources. See
 :mod:`vdsr.download` for what is kept, re-fetched and removed under ``data/raw``.
 """
 
@@ -54,8 +54,12 @@ def main() -> int:
 
         manifest = load_manifest(MANIFEST)
         mirror = os.environ.get(MIRROR_ENV)
-        source = resolve_source(manifest.base_url, mirror)
-        log.info("download: source %s (%s)", source, f"{MIRROR_ENV}={mirror}" if mirror else f"base_url of {MANIFEST}")
+        source = resolve_source("", mirror) if mirror else None
+        if source:
+            log.info("download: source %s (%s=%s)", source, MIRROR_ENV, mirror)
+        else:
+            urls = sorted({manifest.base_urls[name] for name in sets})
+            log.info("download: sources %s (base URLs of %s)", ", ".join(urls), MANIFEST)
 
         report = download_sets(
             manifest, sets, RAW_DIR, source=source, workers=workers, retries=retries, timeout_s=timeout_s

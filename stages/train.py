@@ -1,6 +1,9 @@
-"""Stage ``train``: params ``train`` + data/prepared/{train,val}.h5 -> models/model.pt and the
-training record (metrics/train.json, plots/train.csv, checkpoints/last.pt, an MLflow run whose id
-goes to models/mlflow_run.json). Run from the repository root: ``python stages/train.py``.
+"""Stage ``train@<name>``: params ``train.<name>`` + data/prepared/{train,val}.h5 -> models/<name>.pt
+and the training record (metrics/train_<name>.json, plots/train_<name>.csv,
+checkpoints/<name>/last.pt, an MLflow run whose id goes to models/<name>.mlflow_run.json). Run from
+the repository root: ``python stages/train.py <name>``; ``dvc.yaml`` runs one such stage for each
+section of ``train`` in params.yaml (``train: {vdsr: {..}, srcnn: {..}}``), each validated by
+:class:`TrainParams`, the one schema of a model section.
 
 Time and interrupts: after the first steps the stage says how long the whole run will take at
 the measured speed (and warns when that is days on a CPU). Ctrl-C or SIGTERM stops after the
@@ -33,8 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from paths import ModelPaths
 from vdsr import tracking
-from vdsr.config import ParamsError, load_params, load_section, require
+from vdsr.config import ParamsError, from_dict, load_params, require
 from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
 from vdsr.prepare import load_patches, load_validation, patch_size_of
@@ -48,11 +52,6 @@ log = logging.getLogger("stages.train")
 PARAMS_FILE = Path("params.yaml")
 TRAIN_FILE = Path("data/prepared/train.h5")
 VAL_FILE = Path("data/prepared/val.h5")
-MODEL_FILE = Path("models/model.pt")
-RUN_FILE = Path("models/mlflow_run.json")
-CHECKPOINT_FILE = Path("checkpoints/last.pt")
-METRICS_FILE = Path("metrics/train.json")
-PLOT_FILE = Path("plots/train.csv")
 TORCHRUN_ENV = "VDSR_TORCHRUN"  # torchrun options; when set, the stage relaunches itself under torchrun
 
 
@@ -103,6 +102,21 @@ class TrainParams:
                 "auto, cpu, cuda or cuda:N", self.device)
 
 
+def load_model_section(name: str, path: Path = PARAMS_FILE) -> TrainParams:
+    """Section ``train.<name>`` of ``path`` as :class:`TrainParams`; errors name ``train.<name>.<key>``."""
+    params = load_params(path)
+    if "train" not in params:
+        raise ParamsError(f"{path}: section 'train' is missing")
+    sections = params["train"]
+    require(isinstance(sections, dict) and len(sections) > 0, f"{path}: train",
+            "a mapping of model names to sections (train: {vdsr: {...}, srcnn: {...}})", sections)
+    require(name in sections, f"{path}: train", f"a section {name!r} (sections: {', '.join(sections)})", name)
+    try:
+        return from_dict(TrainParams, sections[name], "train")
+    except ParamsError as error:  # TrainParams names keys train.<key>: put the section in
+        raise ParamsError(f"{path}: {re.sub(r'^train(?=[.:])', f'train.{name}', str(error))}") from None
+
+
 def write_plot_csv(path: Path, history: list[dict[str, float]]) -> None:
     """plots/train.csv: epoch, train_loss, lr and one val_psnr_x<s> column per validated scale."""
     columns = ["epoch", "train_loss", "lr", *sorted(k for k in history[0] if k.startswith("val_psnr_x"))]
@@ -115,7 +129,7 @@ def write_plot_csv(path: Path, history: list[dict[str, float]]) -> None:
 
 def relaunch_under_torchrun(options: str) -> None:
     """Replace this process by ``torchrun <options> stages/train.py`` (same interpreter and environment)."""
-    command = [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), sys.argv[0]]
+    command = [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), *sys.argv]
     print(f"train: {TORCHRUN_ENV} is set, relaunching: {shlex.join(command)}", file=sys.stderr, flush=True)
     os.execv(sys.executable, command)
 
@@ -142,7 +156,10 @@ class StopRequest:
         return self.signum is not None
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not re.fullmatch(r"[A-Za-z0-9_-]+", argv[0]):
+        print(f"train: error: usage: python stages/train.py <name of a train section>, got {argv}", file=sys.stderr)
+        return 2
     if os.environ.get(TORCHRUN_ENV, "").strip() and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(os.environ[TORCHRUN_ENV])
     world = torchrun_world(os.environ)
@@ -152,15 +169,15 @@ def main() -> int:
     stop = StopRequest()
     stop.install()
     try:
-        train_stage(world, stop)
+        train_stage(argv[0], world, stop)
     except (ParamsError, CheckpointError, ModelFileError, ValueError, OSError) as error:
         print(f"train: {prefix}error: {error_message(error)}", file=sys.stderr)
         return 1
     except TrainingInterrupted as stopped:
-        name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+        signame = signal.Signals(stop.signum).name if stop.signum else "a stop request"
         where = (f"checkpoint {stopped.checkpoint_path} holds it; run the same command again (dvc repro) to resume"
                  if stopped.checkpoint_path else "no checkpoint")
-        print(f"train: {prefix}stopped by {name} after {stopped.position}; {where}", file=sys.stderr)
+        print(f"train: {prefix}stopped by {signame} after {stopped.position}; {where}", file=sys.stderr)
         return 128 + (stop.signum or signal.SIGINT)
     except KeyboardInterrupt:
         print(f"train: {prefix}stopped at once by a second signal; the last checkpoint (if any) is kept",
@@ -169,25 +186,29 @@ def main() -> int:
     return 0
 
 
-def train_stage(world: World, stop: Callable[[], bool] | None = None) -> None:
-    p = load_section(TrainParams, "train", PARAMS_FILE)
+def train_stage(name: str, world: World, stop: Callable[[], bool] | None = None) -> None:
+    p = load_model_section(name)
     if world.size > 1:
-        require(p.batch_size % world.size == 0, f"{PARAMS_FILE}: train.batch_size",
+        require(p.batch_size % world.size == 0, f"{PARAMS_FILE}: train.{name}.batch_size",
                 f"a multiple of the number of processes ({world.size}): each takes an equal share of a batch",
                 p.batch_size)
-        require(not p.device.startswith("cuda:"), f"{PARAMS_FILE}: train.device",
+        require(not p.device.startswith("cuda:"), f"{PARAMS_FILE}: train.{name}.device",
                 "auto, cuda or cpu under torchrun (each process uses cuda:LOCAL_RANK)", p.device)
     device = process_device(p.device, world)
     if p.device == "auto" and device.type == "cpu":
         log.info("device auto: no CUDA GPU found, training on the CPU")
     runtime = resolve_runtime(device, p.precision, p.channels_last, p.compile)
     with process_group(world, device):
-        train_and_write(p, world, runtime, stop)
+        train_and_write(name, p, world, runtime, stop)
 
 
-def train_and_write(p: TrainParams, world: World, runtime: Runtime, stop: Callable[[], bool] | None = None) -> None:
-    all_params = load_params(PARAMS_FILE)  # as given: all of it to MLflow, the train section to the model file
-    section = all_params["train"]
+def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
+                    stop: Callable[[], bool] | None = None) -> None:
+    out = ModelPaths(name)
+    all_params = load_params(PARAMS_FILE)
+    # To MLflow: this model's section as train.<key>, and the other stages' sections (not the other models').
+    section = all_params["train"][name]
+    run_params = {**{key: value for key, value in all_params.items() if key != "train"}, "train": section}
 
     # SRCNN is always 9-5-5; train.width sets its n1 (64: the paper's 64/32 channels).
     if p.model == "srcnn":
@@ -197,7 +218,7 @@ def train_and_write(p: TrainParams, world: World, runtime: Runtime, stop: Callab
 
     patch_size = patch_size_of(TRAIN_FILE)  # checked before the patches are loaded
     field = receptive_field(model_config)
-    require(field <= patch_size, "train.depth",
+    require(field <= patch_size, f"train.{name}.depth",
             f"a model whose receptive field ({field} px) fits the {patch_size} px patches of {TRAIN_FILE} "
             f"(prepare.patch_size; VDSR's is 2 x depth + 1)", p.depth)
     patches = load_patches(TRAIN_FILE)
@@ -212,7 +233,7 @@ def train_and_write(p: TrainParams, world: World, runtime: Runtime, stop: Callab
     def fit(**callbacks: Any) -> TrainResult:
         return train(
             patches.lr, patches.hr, validation, model_config, config, runtime=runtime,
-            checkpoint_path=CHECKPOINT_FILE, checkpoint_every_s=p.checkpoint_minutes * 60 or None,
+            checkpoint_path=out.checkpoint, checkpoint_every_s=p.checkpoint_minutes * 60 or None,
             data_id=f"{train_sha256}+{val_sha256}", stop=stop, **callbacks,
         )
 
@@ -224,9 +245,12 @@ def train_and_write(p: TrainParams, world: World, runtime: Runtime, stop: Callab
     tags = tracking.reproducibility_tags(repo_root, runtime.device)
     tags.update(runtime.tags())
     tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256,
-                 "processes": str(world.size)})
+                 "processes": str(world.size), "pipeline.model": name, "pipeline.architecture": p.model,
+                 "pipeline.run_id": tracking.pipeline_run_id()})
+    exp_name = os.environ.get("DVC_EXP_NAME")
     started = time.perf_counter()
-    with tracking.start_run(repo_root=repo_root, params=all_params, tags=tags) as run:
+    run_name = f"{exp_name}/{name}" if exp_name else name
+    with tracking.start_run(repo_root=repo_root, params=run_params, tags=tags, run_name=run_name) as run:
 
         def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
             run.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch)
@@ -236,7 +260,7 @@ def train_and_write(p: TrainParams, world: World, runtime: Runtime, stop: Callab
                 earlier = extra.get("mlflow_run_id") or "unknown"
                 run.set_tags({"resumed_from": str(position), "resumed_from_epoch": str(position.epoch),
                               "continues_run": earlier,
-                              "mlflow.note.content": f"Continues run {earlier} from {CHECKPOINT_FILE} after {position}."})
+                              "mlflow.note.content": f"Continues run {earlier} from {out.checkpoint} after {position}."})
 
         try:
             result = fit(on_start=on_start, on_epoch_end=on_epoch_end,
@@ -268,20 +292,20 @@ def train_and_write(p: TrainParams, world: World, runtime: Runtime, stop: Callab
             "params": dict(section),
             "metrics": metrics,
         }
-        save_model(MODEL_FILE, result.model, model_config, meta)
-        write_json_atomic(METRICS_FILE, metrics)
-        write_plot_csv(PLOT_FILE, history)
+        save_model(out.model, result.model, model_config, meta)
+        write_json_atomic(out.train_metrics, metrics)
+        write_plot_csv(out.train_plot, history)
         write_json_atomic(  # started_run_id: the run on the store even if tracking failed mid-way
-            RUN_FILE, {"run_id": run.run_id, "started_run_id": run.started_run_id, "tracking_uri": run.tracking_uri}
+            out.mlflow_run, {"run_id": run.run_id, "started_run_id": run.started_run_id, "tracking_uri": run.tracking_uri}
         )
-        run.log_artifact(METRICS_FILE, artifact_path="metrics")
-        run.log_artifact(PLOT_FILE, artifact_path="plots")
+        run.log_artifact(out.train_metrics, artifact_path="metrics")
+        run.log_artifact(out.train_plot, artifact_path="plots")
         run.log_model(result.model, input_example=np.asarray(patches.lr[:2], dtype=np.float32))
 
     log.info("train: %s", ", ".join(f"{key} {value}" for key, value in metrics.items()))
-    log.info("wrote %s, %s, %s, %s and %s in %.0f s (mlflow run %s at %s)", MODEL_FILE, METRICS_FILE, PLOT_FILE,
-             RUN_FILE, CHECKPOINT_FILE, time.perf_counter() - started, run.run_id, run.tracking_uri)
+    log.info("wrote %s, %s, %s, %s and %s in %.0f s (mlflow run %s at %s)", out.model, out.train_metrics,
+             out.train_plot, out.mlflow_run, out.checkpoint, time.perf_counter() - started, run.run_id, run.tracking_uri)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

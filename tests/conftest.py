@@ -33,7 +33,7 @@ def set5_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) ->
     manifest = json.loads((REPO_ROOT / "data" / "manifest.json").read_text())
     folder = tmp_path_factory.mktemp("raw") / "Set5"
     folder.mkdir()
-    for entry in manifest["sets"]["Set5"]:
+    for entry in manifest["sets"]["Set5"]["files"]:
         shutil.copyfile(shared_datasets / entry["path"], folder / entry["name"])
     return folder
 
@@ -118,13 +118,24 @@ def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, t
     return result
 
 
+def merge_params(params: dict, overrides: dict) -> None:
+    """Merge ``overrides`` into ``params`` in place: mappings key by key, other values replaced,
+    ``None`` deletes the key (``{"train": {"srcnn": None}}`` leaves one model)."""
+    for key, value in overrides.items():
+        if value is None:
+            params.pop(key, None)
+        elif isinstance(value, dict) and isinstance(params.get(key), dict):
+            merge_params(params[key], value)
+        else:
+            params[key] = value
+
+
 def set_params(params_file: Path, overrides: dict[str, dict]) -> None:
-    """Update sections of a params.yaml in place (keys of each section replaced)."""
+    """Update a params.yaml in place with :func:`merge_params`."""
     import yaml
 
     params = yaml.safe_load(params_file.read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
+    merge_params(params, overrides)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -175,7 +186,7 @@ def stage_workdir(root: Path, shared: Path, overrides: dict[str, dict]) -> Path:
     manifest = json.loads((REPO_ROOT / "data/manifest.json").read_text())
     for set_name in ("Set5", "Set14"):
         (root / "data/raw" / set_name).mkdir(parents=True)
-        for entry in manifest["sets"][set_name]:
+        for entry in manifest["sets"][set_name]["files"]:
             shutil.copyfile(shared / entry["path"], root / "data/raw" / set_name / entry["name"])
     (root / "data/manifest.json").write_text(json.dumps(manifest))
     shutil.copyfile(REPO_ROOT / "params.yaml", root / "params.yaml")
@@ -193,3 +204,18 @@ def png_header_only(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def load_script(path: Path, name: str):
+    """A script (``stages/train.py``, ``bench/gpu_check.py``) as a module, with its folder on
+    ``sys.path`` as ``python <path>`` has it (``stages/paths.py`` is imported as ``paths``)."""
+    import importlib.util
+    import sys
+
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module

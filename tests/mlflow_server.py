@@ -38,10 +38,11 @@ import pytest
 TINY: dict[str, dict] = {
     "download": {"sets": ["Set5", "Set14"], "workers": 4},
     "prepare": {"train_sets": ["Set14"], "val_set": "Set5", "scales": [2], "downsizing": [1.0], "workers": 1},
-    "baseline": {"sets": ["Set5"], "scales": [2]},
-    "train": {"depth": 3, "width": 8, "optimizer": "adam", "lr": 1.0e-3, "epochs": 2, "steps_per_epoch": 10,
-              "batch_size": 16, "lr_step_epochs": 20, "device": "cpu"},
-    "evaluate": {"sets": ["Set5"], "scales": [2]},
+    "baseline": {"sets": ["Set5"], "scales": [2, 4]},
+    # one model (vdsr): one MLflow run per pipeline run; None removes the srcnn section
+    "train": {"vdsr": {"depth": 3, "width": 8, "optimizer": "adam", "lr": 1.0e-3, "epochs": 2, "steps_per_epoch": 10,
+                       "batch_size": 16, "lr_step_epochs": 20, "device": "cpu"}, "srcnn": None},
+    "evaluate": {"sets": ["Set5"], "scales": [2, 4]},
 }
 
 SERVER_START_TIMEOUT_S = 90.0  # ~10-15 s on an idle 2-core machine; more when tests share it
@@ -50,10 +51,14 @@ SERVER_START_TIMEOUT_S = 90.0  # ~10-15 s on an idle 2-core machine; more when t
 @pytest.fixture
 def tiny_repo(pipeline_repo):
     """Factory: ``tiny_repo(**section_overrides)`` -> (repo, env), a fresh git + DVC repository of
-    the pipeline with :data:`TINY` params, updated per section (``train={"epochs": 6}``)."""
+    the pipeline with :data:`TINY` params, merged with the overrides (``train={"vdsr": {"epochs": 6}}``)."""
+    import copy
+
+    from conftest import merge_params
 
     def make(**overrides: dict) -> tuple[Path, dict[str, str]]:
-        params = {section: {**values, **overrides.get(section, {})} for section, values in TINY.items()}
+        params = copy.deepcopy(TINY)
+        merge_params(params, overrides)
         return pipeline_repo(params)
 
     return make

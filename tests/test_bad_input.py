@@ -47,7 +47,8 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def run_stage(stage: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py")], cwd=cwd, env=env,
+    model = ["vdsr"] if stage in ("train", "evaluate") else []  # train@vdsr, evaluate@vdsr
+    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), *model], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -101,7 +102,7 @@ def test_download_refuses_a_mirror_file_with_the_wrong_sha256(workdir: Path, sha
     """A local mirror folder in which one file differs by one byte from what the manifest pins."""
     manifest = json.loads((REPO_ROOT / "data/manifest.json").read_text())
     mirror = workdir.parent / "mirror"
-    for entry in manifest["sets"]["Set5"]:
+    for entry in manifest["sets"]["Set5"]["files"]:
         (mirror / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shared_datasets / entry["path"], mirror / entry["path"])
     tampered = mirror / "data/set5/img_003.png"
@@ -111,7 +112,7 @@ def test_download_refuses_a_mirror_file_with_the_wrong_sha256(workdir: Path, sha
     shutil.rmtree(workdir / "data/raw")
 
     result = run_stage("download", workdir, env={**os.environ, "VDSR_DATA_MIRROR": str(mirror)})
-    expected_sha = next(e["sha256"] for e in manifest["sets"]["Set5"] if e["name"] == "butterfly.png")
+    expected_sha = next(e["sha256"] for e in manifest["sets"]["Set5"]["files"] if e["name"] == "butterfly.png")
     assert_refused(result, "download", "1 of 5 file(s) failed")
     line = next(line for line in result.stderr.splitlines() if "Set5/butterfly.png" in line)
     assert "sha256 mismatch" in line and f"manifest {expected_sha}" in line
@@ -180,6 +181,10 @@ def put(section: str, key: str, value: object) -> Edit:
     return lambda params: params[section].__setitem__(key, value)
 
 
+def put_model(key: str, value: object, model: str = "vdsr") -> Edit:
+    return lambda params: params["train"][model].__setitem__(key, value)
+
+
 PARAMS_CASES: list[tuple[str, str, Edit, str]] = [
     # download
     ("download", "unknown-key", put("download", "mirror", "x"),
@@ -211,12 +216,14 @@ PARAMS_CASES: list[tuple[str, str, Edit, str]] = [
     ("evaluate", "unknown-key", put("evaluate", "model", "models/model.pt"), "evaluate: unknown key(s) model"),
     ("evaluate", "scale-1", put("evaluate", "scales", [1]), "evaluate.scales[0]: expected 2, 3 or 4, got 1"),
     # train (the ranges of every key are checked in-process in test_train.py; here: the stage process)
-    ("train", "unknown-key", put("train", "warmup_epochs", 5), "train: unknown key(s) warmup_epochs"),
-    ("train", "negative-lr", put("train", "lr", -0.1), "train.lr: expected a number > 0, got -0.1"),
-    ("train", "yaml-1e-4", put("train", "weight_decay", "1e-4"),
-     "train.weight_decay: expected a number, got the string '1e-4' (write 1.0e-4, not 1e-4)"),
-    ("train", "unknown-model", put("train", "model", "edsr"),
-     "train.model: expected one of 'vdsr', 'srcnn', got 'edsr'"),
+    ("train", "unknown-key", put_model("warmup_epochs", 5), "train.vdsr: unknown key(s) warmup_epochs"),
+    ("train", "negative-lr", put_model("lr", -0.1), "train.vdsr.lr: expected a number > 0, got -0.1"),
+    ("train", "yaml-1e-4", put_model("weight_decay", "1e-4"),
+     "train.vdsr.weight_decay: expected a number, got the string '1e-4' (write 1.0e-4, not 1e-4)"),
+    ("train", "unknown-model", put_model("model", "edsr"),
+     "train.vdsr.model: expected one of 'vdsr', 'srcnn', got 'edsr'"),
+    ("train", "no-such-section", lambda params: params["train"].pop("vdsr"),
+     "train: expected a section 'vdsr' (sections: srcnn)"),
 ]
 STAGES = ["download", "prepare", "baseline", "evaluate", "train"]
 
@@ -293,8 +300,19 @@ def test_train_refuses_patches_smaller_than_the_receptive_field(workdir: Path) -
     write_training_set(images, workdir / "data/prepared/train.h5", scales=[2], downsizing=[1.0], patch_size=21,
                        stride=21, workers=1)
     write_validation_set(images, workdir / "data/prepared/val.h5", scales=[2])
-    set_params(workdir / "params.yaml", {"train": {"model": "vdsr", "depth": 20}})
+    set_params(workdir / "params.yaml", {"train": {"vdsr": {"model": "vdsr", "depth": 20}}})
     before = snapshot(workdir)
     assert_refused(run_stage("train", workdir), "train",
-                   "train.depth: expected a model whose receptive field (41 px) fits the 21 px patches")
+                   "train.vdsr.depth: expected a model whose receptive field (41 px) fits the 21 px patches")
+    assert_nothing_written(workdir, before)
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+@pytest.mark.parametrize("argv", [[], ["vdsr", "srcnn"], ["../models"]])
+def test_model_stages_need_one_section_name(workdir: Path, stage: str, argv: list[str]) -> None:
+    before = snapshot(workdir)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), *argv], cwd=workdir,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"{stage}: error: usage: python stages/{stage}.py <name of a train section>" \
+        in result.stderr, result.stderr
     assert_nothing_written(workdir, before)

@@ -10,6 +10,7 @@ from skimage.metrics import structural_similarity
 from vdsr.color import modcrop, rgb2y, rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import bicubic_upscaler, evaluate_folder, summary
 from vdsr.metrics import psnr, ssim
+from vdsr.paper import TABLE3
 from vdsr.resize import cubic, imresize, resize_matrix
 
 rng = np.random.default_rng(0)
@@ -131,3 +132,21 @@ def test_bicubic_on_set5_reproduces_the_vdsr_paper(set5_dir) -> None:
     for scale, (paper_psnr, paper_ssim) in paper.items():
         assert table[scale]["psnr"] == pytest.approx(paper_psnr, abs=0.01)
         assert table[scale]["ssim"] == pytest.approx(paper_ssim, abs=0.0002)
+
+
+def test_bicubic_on_b100_reproduces_the_vdsr_paper(tmp_path, shared_datasets) -> None:
+    """VDSR Table 3, bicubic column on B100 (the same 100 Berkeley test images): within 0.02 dB."""
+    import json
+    import shutil
+
+    from conftest import REPO_ROOT
+
+    folder = tmp_path / "B100"
+    folder.mkdir()
+    for entry in json.loads((REPO_ROOT / "data/manifest.json").read_text())["sets"]["B100"]["files"]:
+        shutil.copyfile(shared_datasets / entry["path"], folder / entry["name"])
+    table = evaluate_folder(folder, [2, 3, 4], bicubic_upscaler)
+    for scale, methods in TABLE3["B100"].items():
+        paper_psnr, paper_ssim = methods["bicubic"]
+        assert table[scale]["psnr"] == pytest.approx(paper_psnr, abs=0.02), scale
+        assert table[scale]["ssim"] == pytest.approx(paper_ssim, abs=0.0005), scale

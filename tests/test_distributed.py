@@ -51,8 +51,8 @@ def stage_dir(folder: Path, prepared: Path, **train) -> Path:
     (folder / "data" / "prepared").mkdir(parents=True)
     for name in ("train.h5", "val.h5"):
         (folder / "data" / "prepared" / name).symlink_to(prepared / name)
-    section = {**yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"], **TRAIN, **train}
-    (folder / "params.yaml").write_text(yaml.safe_dump({"train": section}))
+    section = {**yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["vdsr"], **TRAIN, **train}
+    (folder / "params.yaml").write_text(yaml.safe_dump({"train": {"vdsr": section}}))
     return folder
 
 
@@ -67,12 +67,12 @@ def run_stage(folder: Path, command: list[str], **extra_env: str) -> subprocess.
 
 
 def history(folder: Path) -> list[dict[str, float]]:
-    with open(folder / "plots" / "train.csv") as handle:
+    with open(folder / "plots" / "train_vdsr.csv") as handle:
         return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(folder / "models" / "vdsr.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 def mlflow_runs(folder: Path) -> list:
@@ -84,19 +84,19 @@ def mlflow_runs(folder: Path) -> list:
 
 def test_two_processes_train_the_model_of_one_and_resume(prepared, tmp_path):
     one = stage_dir(tmp_path / "one", prepared)
-    done = run_stage(one, [sys.executable, str(STAGE)])
+    done = run_stage(one, [sys.executable, str(STAGE), "vdsr"])
     assert done.returncode == 0, done.stderr[-3000:]
 
     # Two processes, first one epoch, then extended to two: the second run resumes from the
     # checkpoint that rank 0 wrote and sent to rank 1.
     two = stage_dir(tmp_path / "two", prepared, epochs=1)
-    first = run_stage(two, [*TORCHRUN, str(STAGE)])
+    first = run_stage(two, [*TORCHRUN, str(STAGE), "vdsr"])
     assert first.returncode == 0, first.stderr[-3000:]
     (two / "params.yaml").write_text((two / "params.yaml").read_text().replace("epochs: 1", "epochs: 2"))
-    second = run_stage(two, [*TORCHRUN, str(STAGE)])
+    second = run_stage(two, [*TORCHRUN, str(STAGE), "vdsr"])
     assert second.returncode == 0, second.stderr[-3000:]
     output = second.stdout + second.stderr
-    assert "resuming from checkpoints/last.pt after epoch 1" in output
+    assert "resuming from checkpoints/vdsr/last.pt after epoch 1" in output
     assert "(10 steps of 8 per epoch, 4 in each of 2 processes) on cpu, epochs 2..2" in output
 
     # Same model and metrics as one process, to within float rounding (module docstring).
@@ -111,7 +111,7 @@ def test_two_processes_train_the_model_of_one_and_resume(prepared, tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_RTOL)
         assert b["val_psnr_x2"] == pytest.approx(a["val_psnr_x2"], abs=PSNR_ATOL_DB)
         assert b["lr"] == a["lr"]
-    metrics = json.loads((two / "metrics" / "train.json").read_text())
+    metrics = json.loads((two / "metrics" / "train_vdsr.json").read_text())
     assert metrics["epochs"] == 2 and metrics["val_psnr_x2"] == pytest.approx(rows_one[-1]["val_psnr_x2"], abs=1e-3)
 
     # Rank 0 alone reports and writes: one line per epoch, one MLflow run per invocation, one checkpoint.
@@ -121,17 +121,17 @@ def test_two_processes_train_the_model_of_one_and_resume(prepared, tmp_path):
     assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
     assert [run.data.tags.get("processes") for run in runs] == ["2", "2"]
     assert runs[1].data.tags["resumed_from_epoch"] == "1"
-    assert json.loads((two / "models" / "mlflow_run.json").read_text())["run_id"] == runs[1].info.run_id
-    assert [p.name for p in (two / "checkpoints").iterdir()] == ["last.pt"]
+    assert json.loads((two / "models" / "vdsr.mlflow_run.json").read_text())["run_id"] == runs[1].info.run_id
+    assert [p.name for p in (two / "checkpoints" / "vdsr").iterdir()] == ["last.pt"]
 
 
 def test_launcher_variable_and_a_batch_that_does_not_split(prepared, tmp_path):
     # VDSR_TORCHRUN relaunches `python stages/train.py` (DVC's command) under torchrun; each
     # process then refuses a global batch that two processes cannot share equally.
     folder = stage_dir(tmp_path / "odd", prepared, batch_size=7)
-    done = run_stage(folder, [sys.executable, str(STAGE)], VDSR_TORCHRUN="--standalone --nproc-per-node=2")
+    done = run_stage(folder, [sys.executable, str(STAGE), "vdsr"], VDSR_TORCHRUN="--standalone --nproc-per-node=2")
     assert done.returncode != 0
     assert "VDSR_TORCHRUN is set, relaunching:" in done.stderr and "torch.distributed.run" in done.stderr
-    assert ("train: error: params.yaml: train.batch_size: expected a multiple of the number of processes (2)"
+    assert ("train: error: params.yaml: train.vdsr.batch_size: expected a multiple of the number of processes (2)"
             in done.stderr), done.stderr[-3000:]
     assert not (folder / "checkpoints").exists() and not (folder / "mlflow.db").exists()

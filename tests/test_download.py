@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,19 +106,76 @@ def test_wrong_file_is_refetched_and_strays_are_removed(tmp_path, manifest, shar
 
 
 def test_local_folder_mirror(tmp_path, manifest, shared_datasets):
-    source = resolve_source(manifest.base_url, str(shared_datasets))
+    source = resolve_source(manifest.base_urls["Set5"], str(shared_datasets))
     assert source.startswith("file://")
     download_sets(manifest, ["Set5"], tmp_path / "raw", source=source, **FAST)
     assert_exact(tmp_path / "raw", manifest, ["Set5"])
 
 
+def test_new_sets_are_pinned_to_their_public_sources(manifest, shared_datasets):
+    """B100 comes from the Set5 repository and commit, Urban100 (colour) from its own; all 100
+    files each, with the sha256 of the mirror's SHA256SUMS (../shared/datasets/SOURCES.md)."""
+    sums = dict(reversed(line.split(None, 1)) for line in (shared_datasets / "SHA256SUMS").read_text().splitlines())
+    sums = {path.strip(): digest for path, digest in sums.items()}
+    assert manifest.base_urls["B100"] == manifest.base_urls["Set5"] == (
+        "https://raw.githubusercontent.com/jiny2001/dcscn-super-resolution/d382bc30d41c94ac72f8cb148d61cc4864b3b380/")
+    assert manifest.base_urls["Urban100"] == (
+        "https://raw.githubusercontent.com/majedelhelou/denoising_datasets/58234876fef6f1b56306705c78dfd40cdb837b86/")
+    for set_name, folder in (("B100", "data/bsd100/"), ("Urban100", "CUrban100/")):
+        entries = manifest.sets[set_name]
+        assert [e.name for e in entries] == [f"img_{i:03d}.png" for i in range(1, 101)]
+        assert all(e.path == folder + e.name and e.sha256 == sums[e.path] for e in entries)
+
+
+def test_each_set_comes_from_its_own_source(tmp_path, manifest, shared_datasets, http_server):
+    """Two sources on two loopback servers: each set is fetched from its own one; a mirror serves both."""
+    sets = {"Set5": manifest.sets["Set5"], "Urban100": manifest.sets["Urban100"][:2]}
+    servers = {}
+    for set_name, entries in sets.items():
+        folder = tmp_path / f"source-{set_name}"
+        for entry in entries:
+            (folder / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared_datasets / entry.path, folder / entry.path)
+        servers[set_name] = http_server(folder)
+    two_sources = Manifest(sets=sets, base_urls={name: server.url for name, server in servers.items()})
+    report = download_sets(two_sources, list(sets), tmp_path / "raw", **FAST)
+    assert report.fetched == 7 and report.source == "manifest sources"
+    assert_exact(tmp_path / "raw", two_sources, list(sets))
+    for set_name, server in servers.items():
+        assert sorted(server.requests) == sorted(f"/{e.path}" for e in sets[set_name])
+
+    mirror = http_server(shared_datasets)  # both sources at their public paths, as SOURCES.md says
+    report = download_sets(two_sources, list(sets), tmp_path / "from-mirror", source=mirror.url, **FAST)
+    assert report.fetched == 7 and report.source == mirror.url
+    assert_exact(tmp_path / "from-mirror", two_sources, list(sets))
+
+
+def test_manifest_source_errors_name_the_field(tmp_path):
+    entry = {"name": "baby.png", "path": "data/set5/img_001.png", "sha256": "0" * 64}
+    cases = {
+        "sources.local.base_url: expected an http(s) URL, got 'ftp://x/'":
+            {"sources": {"local": {"base_url": "ftp://x/"}}, "sets": {"Set5": {"source": "local", "files": [entry]}}},
+        "sets.Set5.source: expected one of local, got 'elsewhere'":
+            {"sources": {"local": {"base_url": "http://127.0.0.1:1/"}},
+             "sets": {"Set5": {"source": "elsewhere", "files": [entry]}}},
+        "sets.Set5: expected {source, files}, got list":
+            {"sources": {"local": {"base_url": "http://127.0.0.1:1/"}}, "sets": {"Set5": [entry]}},
+    }
+    for message, data in cases.items():
+        path = tmp_path / "manifest.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(ManifestError, match=re.escape(f"{path}: {message}")):
+            load_manifest(path)
+
+
 def test_mirror_choice(tmp_path, manifest):
-    assert resolve_source(manifest.base_url, None) == manifest.base_url
-    assert resolve_source(manifest.base_url, "http://127.0.0.1:8765") == "http://127.0.0.1:8765/"
+    base_url = manifest.base_urls["Set5"]
+    assert resolve_source(base_url, None) == base_url
+    assert resolve_source(base_url, "http://127.0.0.1:8765") == "http://127.0.0.1:8765/"
     with pytest.raises(DownloadError, match="VDSR_DATA_MIRROR"):
-        resolve_source(manifest.base_url, str(tmp_path / "missing"))
+        resolve_source(base_url, str(tmp_path / "missing"))
     entry = manifest.sets["Set5"][0]
-    assert file_url(manifest.base_url, entry) == manifest.base_url + entry.path
+    assert file_url(base_url, entry) == base_url + entry.path
 
 
 # --- failures -----------------------------------------------------------------------------------
@@ -192,7 +250,8 @@ def test_backoff_doubles_and_is_capped():
 
 
 def write_manifest(path: Path, entry: dict) -> Path:
-    path.write_text(json.dumps({"base_url": "http://127.0.0.1:1/", "sets": {"Set5": [entry]}}))
+    sources = {"local": {"base_url": "http://127.0.0.1:1/"}}
+    path.write_text(json.dumps({"sources": sources, "sets": {"Set5": {"source": "local", "files": [entry]}}}))
     return path
 
 

@@ -28,7 +28,7 @@ def store_runs(repo: Path) -> list:
 
 
 def exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict]:
-    """``dvc exp show --json`` as {experiment name: its train params}."""
+    """``dvc exp show --json`` as {experiment name: its train.vdsr params}."""
     shown = json.loads(run_checked(["dvc", "exp", "show", "--json"], repo, env).stdout)
     found = {}
     for baseline in shown:
@@ -38,13 +38,13 @@ def exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict]:
                 data = (revision.get("data") or {}) if isinstance(revision, dict) else {}
                 params = data.get("params", {}).get("params.yaml", {}).get("data", {})
                 if name:
-                    found[name] = params.get("train", {})
+                    found[name] = params.get("train", {}).get("vdsr", {})
     return found
 
 
 def assert_complete_run(client: MlflowClient, run, name: str, lr: str) -> None:
     assert run.info.status == "FINISHED", (name, run.info)
-    assert run.info.run_name == name and run.data.tags["dvc.exp_name"] == name
+    assert run.info.run_name == f"{name}/vdsr" and run.data.tags["dvc.exp_name"] == name
     assert run.data.params["train.lr"] == lr
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr_x2")] == [1, 2]
     assert {"eval/Set5/x2/psnr", "eval/Set5/x2/ssim"} <= set(run.data.metrics), run.data.metrics
@@ -53,13 +53,13 @@ def assert_complete_run(client: MlflowClient, run, name: str, lr: str) -> None:
 def test_named_experiments_are_named_mlflow_runs(tiny_repo):
     repo, env = tiny_repo()
     for name, lr in (("lr-small", "0.0005"), ("lr-large", "0.002")):
-        done = run_checked(["dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}"], repo, env, timeout=EXP_TIMEOUT_S)
+        done = run_checked(["dvc", "exp", "run", "-n", name, "-S", f"train.vdsr.lr={lr}"], repo, env, timeout=EXP_TIMEOUT_S)
         output = done.stdout + done.stderr
         assert "tracking is off" not in output and "not logged to MLflow" not in output, output
 
     head = run_checked(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     client, runs = store_runs(repo)
-    assert [run.info.run_name for run in runs] == ["lr-small", "lr-large"]
+    assert [run.info.run_name for run in runs] == ["lr-small/vdsr", "lr-large/vdsr"]
     for run, (name, lr) in zip(runs, (("lr-small", "0.0005"), ("lr-large", "0.002")), strict=True):
         assert_complete_run(client, run, name, lr)
         assert run.data.tags["dvc.exp_baseline_rev"] == head
@@ -87,7 +87,7 @@ def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
 
     experiments = {"queued-a": "0.0007", "queued-b": "0.0015"}  # lrs unlike HEAD's: no run-cache hits
     for name, lr in experiments.items():
-        run_checked(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo, env)
+        run_checked(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.vdsr.lr={lr}"], repo, env)
     assert set(queue_status(repo, env).values()) == {"Queued"}
     started = time.monotonic()
     run_checked(["dvc", "queue", "start", "-j", "2"], repo, env)
@@ -111,12 +111,47 @@ def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
         assert "tracking is off" not in log and "not logged to MLflow" not in log, log
 
     client, runs = store_runs(repo)
-    assert sorted(run.info.run_name for run in runs) == sorted(experiments)
+    assert sorted(run.data.tags["dvc.exp_name"] for run in runs) == sorted(experiments)
     for run in runs:
-        assert_complete_run(client, run, run.info.run_name, experiments[run.info.run_name])
+        name = run.data.tags["dvc.exp_name"]
+        assert_complete_run(client, run, name, experiments[name])
+    assert len({run.data.tags["pipeline.run_id"] for run in runs}) == 2  # one id per experiment
     a, b = runs
     assert b.info.start_time < a.info.end_time, "the two experiments did not run at the same time"
     print(f"two queued experiments in {elapsed:.0f} s; MLflow runs overlapped "
           f"{(min(a.info.end_time, b.info.end_time) - b.info.start_time) / 1000:.1f} s")
     shown = exp_show(repo, env)
     assert {name: shown[name]["lr"] for name in experiments} == {k: float(v) for k, v in experiments.items()}, shown
+
+
+def test_two_models_side_by_side_and_one_changed(tiny_repo):
+    """SRCNN and VDSR in one pipeline: ``dvc repro`` trains and evaluates both (two MLflow runs
+    with one pipeline.run_id), ``-S train.srcnn...`` re-runs SRCNN's stages and the report only,
+    and both models' numbers are in ``dvc metrics diff`` and ``dvc exp show``."""
+    srcnn = {"model": "srcnn", "depth": 3, "width": 8, "optimizer": "adam", "lr": 1.0e-3, "momentum": 0.9,
+             "weight_decay": 0.0, "lr_step_epochs": 20, "lr_gamma": 0.1, "epochs": 2, "steps_per_epoch": 10,
+             "batch_size": 16, "clip": "none", "clip_theta": 1.0, "augment": True, "seed": 0, "device": "cpu"}
+    repo, env = tiny_repo(train={"srcnn": srcnn})
+    first = run_checked(["dvc", "repro"], repo, env, timeout=EXP_TIMEOUT_S)
+    for stage in ("train@vdsr", "train@srcnn", "evaluate@vdsr", "evaluate@srcnn", "report"):
+        assert f"Running stage '{stage}'" in first.stdout, first.stdout[-3000:]
+    client, runs = store_runs(repo)
+    assert sorted(run.data.tags["pipeline.model"] for run in runs) == ["srcnn", "vdsr"]
+    assert len({run.data.tags["pipeline.run_id"] for run in runs}) == 1  # one pipeline run, grouped
+    for run in runs:
+        assert {"eval/Set5/x2/psnr", "eval/Set5/seconds"} <= set(run.data.metrics), run.data.metrics
+    table = json.loads((repo / "metrics/eval.json").read_text())["Set5"]["x2"]
+    assert set(table) == {"bicubic", "srcnn", "vdsr"} and table["srcnn"]["paper_psnr"] == 36.66
+    report = (repo / "reports/results.md").read_text()
+    assert "| Set5 | x2 | 33.66 / 0.9299 |" in report and "gains most and least" in report
+    run_checked(["git", "add", "-A"], repo, env)
+    run_checked(["git", "commit", "-qm", "both models"], repo, env)
+
+    changed = run_checked(["dvc", "exp", "run", "-n", "srcnn-lr", "-S", "train.srcnn.lr=0.002"], repo, env,
+                          timeout=EXP_TIMEOUT_S)
+    ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
+    assert ran == {"train@srcnn", "evaluate@srcnn", "report"}, changed.stdout[-3000:]
+    diff = json.loads(run_checked(["dvc", "metrics", "diff", "--json"], repo, env).stdout)["diff"]
+    assert "Set5.x2.srcnn.psnr" in diff["metrics/eval.json"] and "Set5.x2.vdsr.psnr" not in diff["metrics/eval.json"]
+    shown = json.dumps(json.loads(run_checked(["dvc", "exp", "show", "--json"], repo, env).stdout))
+    assert "train_srcnn" in shown and "train_vdsr" in shown and '"srcnn-lr"' in shown

@@ -33,12 +33,9 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_summary(set5_dir, tmp_path):
 
 
 def test_flops_per_patch_by_hand():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from conftest import load_script
     from vdsr.models import ModelConfig
 
+    module = load_script(REPO_ROOT / "bench" / "gpu_check.py", "gpu_check")
     # VDSR 20x64 on 41x41: 9 taps x (64 + 18 x 64 x 64 + 64) MACs per pixel, 2 FLOPs a MAC, x3 for training
     assert module.train_flops_per_patch(ModelConfig("vdsr", 20, 64), 41) == 3 * 2 * 9 * 73_856 * 41 * 41

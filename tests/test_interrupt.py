@@ -44,23 +44,23 @@ def workspace(root: Path, prepared: Path) -> tuple[Path, dict[str, str]]:
     (root / "data" / "prepared").mkdir(parents=True)
     for name in ("train.h5", "val.h5"):
         (root / "data" / "prepared" / name).symlink_to(prepared / name)
-    (root / "params.yaml").write_text(yaml.safe_dump({"train": TRAIN}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": {"vdsr": TRAIN}}))
     env = {**os.environ, **ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     env.pop("DVC_ROOT", None)
     return root, env
 
 
 def run_stage(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=root, env=env,
+    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def interrupt_stage(root: Path, env: dict[str, str], signum: int, timeout_s: float = 300) -> tuple[int, str]:
     """Start the stage, send ``signum`` once its first mid-epoch checkpoint exists; (exit code, stderr)."""
-    checkpoint = root / "checkpoints" / "last.pt"
+    checkpoint = root / "checkpoints" / "vdsr" / "last.pt"
     log = root / "stage.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=root, env=env,
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=root, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
@@ -78,7 +78,7 @@ def interrupt_stage(root: Path, env: dict[str, str], signum: int, timeout_s: flo
 
 
 def weights(root: Path) -> dict[str, torch.Tensor]:
-    return torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(root / "models" / "vdsr.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -91,11 +91,11 @@ def test_a_signal_stops_with_one_line_and_the_same_command_resumes_exactly(prepa
     stopped = [line for line in output.splitlines() if line.startswith("train: stopped by")]
     assert len(stopped) == 1, output
     assert stopped[0].startswith(f"train: stopped by {name} after epoch 0 and ")  # mid-epoch 1
-    assert stopped[0].endswith("checkpoint checkpoints/last.pt holds it; run the same command again "
+    assert stopped[0].endswith("checkpoint checkpoints/vdsr/last.pt holds it; run the same command again "
                                "(dvc repro) to resume")
-    step = torch.load(root / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["step"]
+    step = torch.load(root / "checkpoints" / "vdsr" / "last.pt", map_location="cpu", weights_only=True)["step"]
     assert 0 < step < TRAIN["steps_per_epoch"] and f"and {step} steps of epoch 1;" in stopped[0]
-    assert not (root / "models" / "model.pt").exists()
+    assert not (root / "models" / "vdsr.pt").exists()
 
     from mlflow.tracking import MlflowClient
 
@@ -107,8 +107,8 @@ def test_a_signal_stops_with_one_line_and_the_same_command_resumes_exactly(prepa
 
     resumed = run_stage(root, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from checkpoints/last.pt after epoch 0 and {step} steps of epoch 1" in resumed.stderr
-    run_id = json.loads((root / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert f"resuming from checkpoints/vdsr/last.pt after epoch 0 and {step} steps of epoch 1" in resumed.stderr
+    run_id = json.loads((root / "models" / "vdsr.mlflow_run.json").read_text())["run_id"]
     second = client.get_run(run_id)
     assert second.info.status == "FINISHED" and second.data.tags["continues_run"] == first.info.run_id
 
@@ -116,4 +116,4 @@ def test_a_signal_stops_with_one_line_and_the_same_command_resumes_exactly(prepa
     assert run_stage(fresh, fresh_env).returncode == 0
     a, b = weights(root), weights(fresh)
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
-    assert (root / "plots" / "train.csv").read_text() == (fresh / "plots" / "train.csv").read_text()
+    assert (root / "plots" / "train_vdsr.csv").read_text() == (fresh / "plots" / "train_vdsr.csv").read_text()

@@ -32,8 +32,10 @@ PARAMS = {
     "prepare": {"train_sets": ["Set14"], "val_set": "Set5", "scales": [2], "downsizing": [1.0], "workers": 1},
     # A tiny VDSR and the paper's recipe (SGD, adjustable clipping) as in tests/test_train.py:
     # under a second an epoch (validation included) on one CPU thread.
-    "train": {"depth": 3, "width": 8, "optimizer": "sgd", "lr": 0.1, "clip": "adjustable", "clip_theta": 1.0e-4,
-              "epochs": EPOCHS, "batch_size": 8, "steps_per_epoch": 40, "seed": 7, "device": "cpu"},
+    "train": {"vdsr": {"depth": 3, "width": 8, "optimizer": "sgd", "lr": 0.1, "clip": "adjustable",
+                       "clip_theta": 1.0e-4, "epochs": EPOCHS, "batch_size": 8, "steps_per_epoch": 40, "seed": 7,
+                       "device": "cpu"},
+              "srcnn": None},  # one model: train@vdsr
 }
 KILL_AFTER_EPOCH = 2
 # One thread in both runs: CPU results are bit-identical for a given thread count only (the
@@ -53,9 +55,9 @@ def checkpoint_epoch(path: Path) -> int:
 def kill_during_training(repo: Path, env: dict[str, str], log: Path, timeout_s: float = 300) -> int:
     """Start `dvc repro train` in its own session, SIGKILL the whole session (dvc, the shell, the
     stage) once the checkpoint holds KILL_AFTER_EPOCH epochs; return the epochs it then holds."""
-    checkpoint = repo / "checkpoints" / "last.pt"
+    checkpoint = repo / "checkpoints" / "vdsr" / "last.pt"
     with open(log, "w") as out:
-        proc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, stdout=out,
+        proc = subprocess.Popen(["dvc", "repro", "train@vdsr"], cwd=repo, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
@@ -70,7 +72,7 @@ def kill_during_training(repo: Path, env: dict[str, str], log: Path, timeout_s: 
 
 
 def weights(repo: Path) -> dict[str, torch.Tensor]:
-    return torch.load(repo / "models" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(repo / "models" / "vdsr.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_kill_9_then_repro_resumes_to_the_uninterrupted_result(pipeline_repo, tmp_path):
@@ -82,27 +84,27 @@ def test_kill_9_then_repro_resumes_to_the_uninterrupted_result(pipeline_repo, tm
 
     killed_at = kill_during_training(repo, env, tmp_path / "killed.log")
     assert KILL_AFTER_EPOCH <= killed_at < EPOCHS, (tmp_path / "killed.log").read_text()
-    assert not (repo / "metrics" / "train.json").exists()  # the stage did not finish
+    assert not (repo / "metrics" / "train_vdsr.json").exists()  # the stage did not finish
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert "train" not in lock["stages"]  # ... and DVC recorded nothing for it
+    assert "train@vdsr" not in lock["stages"]  # ... and DVC recorded nothing for it
 
     started = time.perf_counter()
-    resumed = run_checked(["dvc", "repro", "train"], repo, env)
+    resumed = run_checked(["dvc", "repro", "train@vdsr"], repo, env)
     resumed_s = time.perf_counter() - started
     output = resumed.stdout + resumed.stderr
     assert "had been killed. Auto removed it from the lock file." in output  # DVC's stale-lock handling
-    assert f"resuming from checkpoints/last.pt after epoch {killed_at}" in output
+    assert f"resuming from checkpoints/vdsr/last.pt after epoch {killed_at}" in output
     assert f"epochs {killed_at + 1}..{EPOCHS}" in output  # only the missing epochs are trained
     assert "epoch 1:" not in output
 
     started = time.perf_counter()
-    run_checked(["dvc", "repro", "train"], fresh, env)
+    run_checked(["dvc", "repro", "train@vdsr"], fresh, env)
     uninterrupted_s = time.perf_counter() - started
     print(f"killed after epoch {killed_at}; resumed run {resumed_s:.1f} s, uninterrupted run {uninterrupted_s:.1f} s")
 
     # Bit for bit: per-epoch history, final metrics (timings aside) and weights.
-    assert (repo / "plots" / "train.csv").read_text() == (fresh / "plots" / "train.csv").read_text()
-    metrics = {name: json.loads((r / "metrics" / "train.json").read_text()) for name, r in (("a", repo), ("b", fresh))}
+    assert (repo / "plots" / "train_vdsr.csv").read_text() == (fresh / "plots" / "train_vdsr.csv").read_text()
+    metrics = {name: json.loads((r / "metrics" / "train_vdsr.json").read_text()) for name, r in (("a", repo), ("b", fresh))}
     for key in ("train_loss", "val_psnr_x2", "epochs"):
         assert metrics["a"][key] == metrics["b"][key], key
     assert metrics["a"]["epochs"] == EPOCHS
@@ -110,14 +112,14 @@ def test_kill_9_then_repro_resumes_to_the_uninterrupted_result(pipeline_repo, tm
     assert resumed_weights.keys() == fresh_weights.keys()
     for name in resumed_weights:
         assert torch.equal(resumed_weights[name], fresh_weights[name]), name
-    assert "train" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert [p.name for p in (repo / "checkpoints").iterdir()] == ["last.pt"]
+    assert "train@vdsr" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert [p.name for p in (repo / "checkpoints" / "vdsr").iterdir()] == ["last.pt"]
 
     # MLflow: the killed run stays RUNNING (it had no chance to end); the resumed run holds every
     # epoch's metrics, those of the killed run's epochs logged again from the checkpoint's history.
     from mlflow.tracking import MlflowClient
 
-    run_id = json.loads((repo / "models" / "mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((repo / "models" / "vdsr.mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("vdsr").experiment_id])
     assert sorted(run.info.status for run in runs) == ["FINISHED", "RUNNING"]

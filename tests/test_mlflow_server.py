@@ -31,16 +31,16 @@ def read_json(path: Path) -> dict:
 
 def assert_outputs_complete(repo: Path, epochs: int) -> None:
     """The DVC record of a run is whole, whatever happened to MLflow."""
-    train = read_json(repo / "metrics/train.json")
+    train = read_json(repo / "metrics/train_vdsr.json")
     assert train["epochs"] == epochs and train["val_psnr_x2"] > 20, train
-    with open(repo / "plots/train.csv") as handle:
+    with open(repo / "plots/train_vdsr.csv") as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == [str(e) for e in range(1, epochs + 1)]
-    assert set(read_json(repo / "metrics/eval.json")["Set5"]["x2"]) == {"psnr", "ssim"}
+    assert {"psnr", "ssim", "paper_psnr"} <= set(read_json(repo / "metrics/eval.json")["Set5"]["x2"]["vdsr"])
     from vdsr.models import load_model
 
-    _model, config, meta = load_model(repo / "models/model.pt")
+    _model, config, meta = load_model(repo / "models/vdsr.pt")
     assert (config.depth, config.width) == (3, 8) and meta["epochs"] == epochs
-    assert (repo / "reports/results.md").is_file() and list((repo / "plots/images").glob("*.png"))
+    assert (repo / "reports/results.md").is_file() and list((repo / "plots/comparison").glob("*.png"))
 
 
 def chromium() -> str:
@@ -89,9 +89,9 @@ def test_tiny_pipeline_run_on_a_tracking_server_and_its_dashboard_page(tiny_repo
     repo, env = tiny_repo()
     env["MLFLOW_TRACKING_URI"] = tracking_server.url
     repro = Streamed(["dvc", "repro"], repo, env).check(REPRO_TIMEOUT_S)
-    print(f"dvc repro {repro.lines[-1][0]:.0f} s, train stage {stage_seconds(repro, 'train'):.1f} s")
-    assert "WARNING" not in stage_output(repro, "train") + stage_output(repro, "evaluate")
-    run_file = read_json(repo / "models/mlflow_run.json")
+    print(f"dvc repro {repro.lines[-1][0]:.0f} s, train stage {stage_seconds(repro, 'train@vdsr'):.1f} s")
+    assert "WARNING" not in stage_output(repro, "train@vdsr") + stage_output(repro, "evaluate@vdsr")
+    run_file = read_json(repo / "models/vdsr.mlflow_run.json")
     run_id, url = run_file["run_id"], tracking_server.url
     assert run_id and run_file["tracking_uri"] == url
 
@@ -107,20 +107,20 @@ def test_tiny_pipeline_run_on_a_tracking_server_and_its_dashboard_page(tiny_repo
         assert [m["step"] for m in history] == [1, 2], (name, history)
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     eval_json = read_json(repo / "metrics/eval.json")
-    assert metrics["eval/Set5/x2/psnr"] == pytest.approx(eval_json["Set5"]["x2"]["psnr"])
-    assert metrics["eval/Set5/x2/ssim"] == pytest.approx(eval_json["Set5"]["x2"]["ssim"])
-    assert metrics["val_psnr_x2"] == pytest.approx(read_json(repo / "metrics/train.json")["val_psnr_x2"], abs=1e-3)
+    assert metrics["eval/Set5/x2/psnr"] == pytest.approx(eval_json["Set5"]["x2"]["vdsr"]["psnr"])
+    assert metrics["eval/Set5/x2/ssim"] == pytest.approx(eval_json["Set5"]["x2"]["vdsr"]["ssim"])
+    assert metrics["val_psnr_x2"] == pytest.approx(read_json(repo / "metrics/train_vdsr.json")["val_psnr_x2"], abs=1e-3)
 
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     head = run_checked(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert tags["git.commit"] == head and tags["mlflow.source.git.commit"] == head
-    assert tags["dvc.stage"] == "train" and tags["torch.version"] and tags["device"].startswith("cpu")
+    assert tags["dvc.stage"] == "train@vdsr" and tags["pipeline.model"] == "vdsr" and tags["torch.version"] and tags["device"].startswith("cpu")
     assert len(tags["data.train_sha256"]) == 64
     assert {"dvc.md5.data/manifest.json", "dvc.md5.data/raw", "dvc.md5.data/prepared"} <= set(tags)
 
     artifacts = list_artifacts(url, run_id)
-    assert {"metrics/train.json", "plots/train.csv", "eval/eval.json", "eval/results.md",
-            "eval/images/Set5_butterfly_x4.png"} <= set(artifacts), artifacts
+    assert {"metrics/train_vdsr.json", "plots/train_vdsr.csv", "eval/vdsr.json", "report/eval.json",
+            "report/results.md", "report/per_image.csv", "report/comparison/Set5_butterfly_x4.png"} <= set(artifacts), artifacts
     # MLflow 3 keeps a logged model beside the run ("Logged models"), linked by source_run_id.
     models = rest(url, "logged-models/search", body={"experiment_ids": [experiment["experiment_id"]]})["models"]
     assert [(m["info"]["name"], m["info"]["source_run_id"], m["info"]["status"]) for m in models] == [
@@ -144,14 +144,14 @@ def test_tiny_pipeline_run_on_a_tracking_server_and_its_dashboard_page(tiny_repo
 def test_unreachable_server_costs_seconds_not_the_run(tiny_repo, closed_port_url):
     repo, env = tiny_repo()
     normal = Streamed(["dvc", "repro"], repo, env).check(REPRO_TIMEOUT_S)  # default SQLite store
-    normal_s = stage_seconds(normal, "train")
+    normal_s = stage_seconds(normal, "train@vdsr")
 
     env["MLFLOW_TRACKING_URI"] = closed_port_url.rstrip("/")
     shutil.rmtree(repo / "checkpoints")  # else the forced run resumes after the last epoch and trains nothing
-    down = Streamed(["dvc", "repro", "--force", "--single-item", "train", "evaluate"], repo, env).check(REPRO_TIMEOUT_S)
-    down_s = stage_seconds(down, "train")
-    train_lines = stage_lines(down, "train")
-    train_out, evaluate_out = stage_output(down, "train"), stage_output(down, "evaluate")
+    down = Streamed(["dvc", "repro", "--force", "--single-item", "train@vdsr", "evaluate@vdsr", "report"], repo, env).check(REPRO_TIMEOUT_S)
+    down_s = stage_seconds(down, "train@vdsr")
+    train_lines = stage_lines(down, "train@vdsr")
+    train_out, evaluate_out = stage_output(down, "train@vdsr"), stage_output(down, "evaluate@vdsr")
     warned = [(t, line) for t, line in train_lines if "tracking is off" in line]
     assert len(warned) == 1, train_out
     print(f"train stage: {normal_s:.1f} s with the SQLite store, {down_s:.1f} s with the server down; "
@@ -164,22 +164,23 @@ def test_unreachable_server_costs_seconds_not_the_run(tiny_repo, closed_port_url
 
     summary = [line for line in train_out.splitlines() if "WARNING: not logged to MLflow" in line]
     assert len(summary) == 1, train_out
-    for what in (r"\d+ params", r"\d+ tags", r"\d+ metric values", "artifact metrics/train.json", r"\bmodel\b"):
+    for what in (r"\d+ params", r"\d+ tags", r"\d+ metric values", "artifact metrics/train_vdsr.json", r"\bmodel\b"):
         assert re.search(what, summary[0]), (what, summary[0])
     assert "logged no MLflow run" in evaluate_out, evaluate_out
     summary = [line for line in evaluate_out.splitlines() if "WARNING: not logged to MLflow" in line]
-    assert len(summary) == 1 and "metric values" in summary[0] and "reports/results.md" in summary[0], evaluate_out
-    assert read_json(repo / "models/mlflow_run.json") == {
+    assert len(summary) == 1 and "metric values" in summary[0] and "results/vdsr.json" in summary[0], evaluate_out
+    assert "logged no MLflow run" in stage_output(down, "report")
+    assert read_json(repo / "models/vdsr.mlflow_run.json") == {
         "run_id": None, "started_run_id": None, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
     assert_outputs_complete(repo, epochs=2)
     shown = json.loads(run_checked(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     data = next(iter(shown.values()))["data"]
-    assert {"metrics/train.json", "metrics/eval.json"} <= set(data), data
+    assert {"metrics/train_vdsr.json", "metrics/eval.json"} <= set(data), data
 
 
 def test_server_killed_during_training(tiny_repo, tracking_server):
     epochs = 6
-    repo, env = tiny_repo(train={"epochs": epochs, "steps_per_epoch": 15})
+    repo, env = tiny_repo(train={"vdsr": {"epochs": epochs, "steps_per_epoch": 15}})
     run_checked(["dvc", "repro", "prepare", "baseline"], repo, env, timeout=REPRO_TIMEOUT_S)
     env["MLFLOW_TRACKING_URI"] = url = tracking_server.url
     with Streamed(["dvc", "repro"], repo, env) as repro:
@@ -194,7 +195,7 @@ def test_server_killed_during_training(tiny_repo, tracking_server):
         tracking_server.kill()
         repro.check(REPRO_TIMEOUT_S)
 
-    train_lines = [(t, line) for t, line in stage_lines(repro, "train") if t >= killed_at]
+    train_lines = [(t, line) for t, line in stage_lines(repro, "train@vdsr") if t >= killed_at]
     train_out = "\n".join(line for _, line in train_lines)
     assert sum("tracking is off" in line for _, line in train_lines) == 1, train_out
     assert "logging metric values failed" in train_out and "not logged to MLflow" in train_out, train_out
@@ -203,7 +204,7 @@ def test_server_killed_during_training(tiny_repo, tracking_server):
     assert_outputs_complete(repo, epochs=epochs)
     # The run stays in the server's store with the epochs logged before the kill: the stage records
     # it as the started run, and no live run id for the evaluate stage to complete.
-    run_file = read_json(repo / "models/mlflow_run.json")
+    run_file = read_json(repo / "models/vdsr.mlflow_run.json")
     assert run_file["run_id"] is None and run_file["started_run_id"] == run_id
     from mlflow.tracking import MlflowClient
 
@@ -213,11 +214,11 @@ def test_server_killed_during_training(tiny_repo, tracking_server):
     assert store.get_run(run_id).info.status == "RUNNING"  # its end could not be sent
 
     # The switch to a no-op costs one bounded failure, not one per remaining call.
-    epoch_times = [t for t, line in stage_lines(repro, "train") if line.startswith("epoch ") and ": loss" in line]
+    epoch_times = [t for t, line in stage_lines(repro, "train@vdsr") if line.startswith("epoch ") and ": loss" in line]
     gaps = [b - a for a, b in zip(epoch_times, epoch_times[1:], strict=False)]
     after_kill = train_lines[-1][0] - killed_at
     print(f"epoch gaps {', '.join(f'{g:.1f}' for g in gaps)} s; train stage ended {after_kill:.1f} s after the kill")
     extra = after_kill - (epochs - 1) * statistics.median(gaps)
     assert extra < 15, (gaps, after_kill)
-    assert "Running stage 'evaluate'" in repro.output
-    assert f"lost its MLflow run {run_id} mid-way" in stage_output(repro, "evaluate")
+    assert "Running stage 'evaluate@vdsr'" in repro.output
+    assert f"lost its MLflow run {run_id} mid-way" in stage_output(repro, "evaluate@vdsr")

@@ -3,7 +3,6 @@ prints `dvc exp run -S` options that survive the shell's word splitting."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import load_script
 from vdsr.config import ParamsError, from_dict
 from vdsr.presets import PRESETS_DIR, load_preset, set_options
 
@@ -18,21 +18,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_params_class():
-    spec = importlib.util.spec_from_file_location("train_stage_presets", REPO_ROOT / "stages" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.TrainParams
+    return load_script(REPO_ROOT / "stages" / "train.py", "train_stage").TrainParams
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
 def test_shipped_presets_are_valid(name):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     overrides = load_preset(name, params_file=REPO_ROOT / "params.yaml")
+    sections = set()
     for key, value in overrides.items():
-        section, field = key.split(".", 1)
-        params[section][field] = value
-    from_dict(train_params_class(), params["train"], "train")  # the merged section passes the stage's checks
+        *path, field = key.split(".")
+        section = params
+        for part in path:
+            section = section[part]
+        section[field] = value
+        sections.add(".".join(path))
+    for dotted in sections:  # each changed model section passes the stage's checks
+        _, model = dotted.split(".")
+        from_dict(train_params_class(), params["train"][model], dotted)
     done = subprocess.run([sys.executable, "-m", "vdsr.presets", name], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -31,9 +31,10 @@ TINY = {
     "download": {"sets": ["Set5", "Set14"], "workers": 4},
     "prepare": {"train_sets": ["Set14"], "val_set": "Set5", "scales": [2], "downsizing": [1.0], "workers": 1},
     "baseline": {"sets": ["Set5"], "scales": [2]},
-    "train": {"depth": 3, "width": 4, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "device": "cpu"},
+    "train": {"vdsr": {"depth": 3, "width": 4, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "device": "cpu"},
+              "srcnn": None},  # one model: train@vdsr
 }
-SHARED = ["data/raw", "data/prepared", "models/model.pt"]  # the cached outputs of download, prepare, train
+SHARED = ["data/raw", "data/prepared", "models/vdsr.pt"]  # the cached outputs of download, prepare, train
 
 
 def free_port() -> int:
@@ -106,7 +107,7 @@ def test_push_then_a_fresh_clone_pulls_identical_data_and_model(pipeline_repo, s
     run_checked(["git", "add", "-A"], repo, env)
     run_checked(["git", "commit", "-qm", "tiny run"], repo, env)
     produced = tree_sha256(repo, SHARED)
-    assert len(produced) == 19 + 2 + 1  # Set5 + Set14 images, train.h5 + val.h5, model.pt
+    assert len(produced) == 19 + 2 + 1  # Set5 + Set14 images, train.h5 + val.h5, vdsr.pt
 
     pushed = run_checked(["dvc", "push"], repo, env)
     assert "files pushed" in pushed.stdout, pushed.stdout
@@ -131,7 +132,7 @@ def test_push_then_a_fresh_clone_pulls_identical_data_and_model(pipeline_repo, s
     # Losing the local cache and outputs is no loss either: pull brings them back.
     for name in (".dvc/cache", "data/raw", "data/prepared"):
         shutil.rmtree(repo / name)
-    (repo / "models/model.pt").unlink()
+    (repo / "models/vdsr.pt").unlink()
     run_checked(["dvc", "pull"], repo, env)
     assert tree_sha256(repo, SHARED) == produced
 
@@ -165,7 +166,7 @@ def test_experiments_travel_through_git_and_the_remote(pipeline_repo, s3_endpoin
     shown = json.loads(run_checked(["dvc", "exp", "show", "--json"], clone, env).stdout)
     assert "scales-2-4" in json.dumps(shown)
     # A git branch from the experiment, then its outputs from the cache `dvc exp pull` filled.
-    # (`dvc exp apply` would also check out models/model.pt, which this data-only pipeline never made.)
+    # (`dvc exp apply` would also check out models/vdsr.pt, which this data-only pipeline never made.)
     run_checked(["dvc", "exp", "branch", "scales-2-4", "scales-2-4"], clone, env)
     run_checked(["git", "checkout", "-q", "scales-2-4"], clone, env)
     run_checked(["dvc", "checkout", "prepare"], clone, env)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import load_script
 from vdsr import evaluate
 from vdsr.config import ParamsError, from_dict
 from vdsr.images import list_images, read_image
@@ -225,15 +225,11 @@ def test_non_finite_loss_stops_with_epoch_and_step(small):
 
 
 def load_stage():
-    spec = importlib.util.spec_from_file_location("train_stage", REPO_ROOT / "stages" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "stages" / "train.py", "train_stage")
 
 
 def repo_train_section() -> dict:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["vdsr"]
 
 
 def test_stage_params_are_checked():
@@ -262,27 +258,27 @@ def test_stage_end_to_end(data, tmp_path):
         (tmp_path / "data" / "prepared" / name).symlink_to(data / name)
     section = {**repo_train_section(), "depth": 3, "width": 8, "epochs": 2, "batch_size": 8,
                "steps_per_epoch": 2, "device": "cpu"}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": section}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"vdsr": section}}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("DVC_ROOT", None)
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    with open(tmp_path / "plots" / "train.csv") as handle:
+    with open(tmp_path / "plots" / "train_vdsr.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["epoch", "train_loss", "lr", "val_psnr_x2", "val_psnr_x3"]
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "train_vdsr.json").read_text())
     assert {"train_loss", "val_psnr_x2", "val_psnr_x3", "epochs", "wall_time_s", "patches_per_s"} <= set(metrics)
     assert metrics["epochs"] == 2
-    run = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())
+    run = json.loads((tmp_path / "models" / "vdsr.mlflow_run.json").read_text())
     assert run["run_id"] and run["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
-    model, config, meta = load_model(tmp_path / "models" / "model.pt")
+    model, config, meta = load_model(tmp_path / "models" / "vdsr.pt")
     assert config == ModelConfig("vdsr", 3, 8)
     assert meta["mlflow_run_id"] == run["run_id"] and meta["seed"] == section["seed"] and meta["epochs"] == 2
     assert len(meta["train_data_sha256"]) == 64
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "checkpoints" / "vdsr" / "last.pt").is_file()
 
     from mlflow.tracking import MlflowClient
 

@@ -1,12 +1,14 @@
 """Fetching the benchmark images listed in ``data/manifest.json``, verified by sha256.
 
-The manifest names, for each set (T91, BSD200, Set5, Set14), the files as
-``{name, path, sha256}``: ``path`` is where the file lives under the source (``base_url + path``
-on the internet), ``name`` is the canonical name it is saved under, ``root/<set>/<name>``.
+The manifest names its public sources (``"sources": {"dcscn": {"base_url": ..}, ..}``) and,
+for each set (T91, BSD200, Set5, Set14, B100, Urban100), the source it comes from and its files
+as ``{name, path, sha256}``: ``path`` is where the file lives under that source (``base_url +
+path`` on the internet), ``name`` is the canonical name it is saved under, ``root/<set>/<name>``.
 
-The source is the manifest's ``base_url`` unless a mirror replaces it (:func:`resolve_source`):
-another ``http(s)://`` base URL with the same relative paths, or a local folder holding
-``<folder>/<path>`` (read through ``file://`` URLs, so both go through one code path).
+Each set is fetched from its source's ``base_url`` unless a mirror replaces them all
+(:func:`resolve_source`): another ``http(s)://`` base URL, or a local folder, holding every
+source's files at their public relative paths (``<folder>/<path>``; a local folder is read
+through ``file://`` URLs, so both go through one code path).
 
 :func:`download_sets` leaves ``root`` holding exactly the selected sets of the manifest, because
 DVC tracks it as one output:
@@ -49,7 +51,7 @@ from tqdm import tqdm
 
 from vdsr.io import atomic_path, describe_os_error, sha256_file
 
-MIRROR_ENV = "VDSR_DATA_MIRROR"  # environment variable that replaces the manifest's base_url
+MIRROR_ENV = "VDSR_DATA_MIRROR"  # environment variable: a mirror of all the manifest's sources
 MAX_BACKOFF_S = 30.0  # longest wait between two attempts, whatever the number of retries
 _CHUNK = 1 << 16  # bytes read per network read
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -76,13 +78,13 @@ class ManifestEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    base_url: str  # public source; each file is at base_url + entry.path
     sets: dict[str, tuple[ManifestEntry, ...]]
+    base_urls: dict[str, str]  # set name -> base URL of its public source; a file is at base_url + entry.path
 
 
 @dataclass(frozen=True)
 class DownloadReport:
-    source: str  # the base URL the files came from (file:// for a local mirror)
+    source: str  # the mirror the files came from (file:// for a local folder), else "manifest sources"
     fetched: int  # files downloaded and verified in this run
     skipped: int  # files already present with the right sha256
     removed: int  # stray entries deleted from root (including files with a wrong sha256)
@@ -138,6 +140,19 @@ def _parse_set(raw: object, where: str) -> tuple[ManifestEntry, ...]:
     return entries
 
 
+def _parse_sources(raw: object, where: str) -> dict[str, str]:
+    """``{"<source>": {"base_url": "https://..", "about": ".."}}`` -> ``{source: base_url}``."""
+    if not isinstance(raw, dict) or not raw:
+        raise ManifestError(f"{where}: expected a non-empty object of sources")
+    urls = {}
+    for name, source in raw.items():
+        base_url = source.get("base_url") if isinstance(source, dict) else None
+        if not isinstance(base_url, str) or urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
+            raise ManifestError(f"{where}.{name}.base_url: expected an http(s) URL, got {base_url!r}")
+        urls[name] = base_url
+    return urls
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate the manifest; :class:`ManifestError` names the file and the bad field."""
     path = Path(path)
@@ -148,15 +163,18 @@ def load_manifest(path: str | Path) -> Manifest:
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("sets"), dict) or not data["sets"]:
-        raise ManifestError(f"{path}: expected an object with 'base_url' and a non-empty 'sets'")
-    base_url = data.get("base_url")
-    if not isinstance(base_url, str) or urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
-        raise ManifestError(f"{path}: base_url: expected an http(s) URL, got {base_url!r}")
-    sets = {
-        _check_name(name, f"{path}: set name"): _parse_set(raw, f"{path}: sets.{name}")
-        for name, raw in data["sets"].items()
-    }
-    return Manifest(base_url=base_url, sets=sets)
+        raise ManifestError(f"{path}: expected an object with 'sources' and a non-empty 'sets'")
+    sources = _parse_sources(data.get("sources"), f"{path}: sources")
+    sets, base_urls = {}, {}
+    for name, raw in data["sets"].items():
+        where = f"{path}: sets.{_check_name(name, f'{path}: set name')}"
+        if not isinstance(raw, dict) or set(raw) != {"source", "files"}:
+            raise ManifestError(f"{where}: expected {{source, files}}, got {type(raw).__name__}")
+        if raw["source"] not in sources:
+            raise ManifestError(f"{where}.source: expected one of {', '.join(sources)}, got {raw['source']!r}")
+        sets[name] = _parse_set(raw["files"], f"{where}.files")
+        base_urls[name] = sources[raw["source"]]
+    return Manifest(sets=sets, base_urls=base_urls)
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -164,6 +182,8 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def resolve_source(base_url: str, mirror: str | None) -> str:
     """The base URL to fetch from: ``mirror`` (a base URL or a local folder) if set, else ``base_url``.
+
+    A mirror holds the files of every source of the manifest at their public relative paths.
 
     A local folder becomes a ``file://`` URL, so that ``<folder>/<path>`` is read like a download.
     """
@@ -296,7 +316,7 @@ def download_sets(
     sets: Sequence[str],
     root: str | Path,
     *,
-    source: str,
+    source: str | None = None,
     workers: int,
     retries: int,
     timeout_s: float,
@@ -305,7 +325,8 @@ def download_sets(
 ) -> DownloadReport:
     """Make ``root`` hold exactly the files of ``sets``, as ``root/<set>/<name>``, all verified.
 
-    ``source`` is a base URL from :func:`resolve_source`; ``workers`` downloads run at once, each
+    ``source`` is a mirror's base URL from :func:`resolve_source` that replaces the sets' own
+    sources (``None``: each set from its manifest source); ``workers`` downloads run at once, each
     HTTP request waits at most ``timeout_s`` seconds, and a file is tried ``1 + retries`` times
     with waits of ``backoff_s``, ``2 backoff_s``, ... (capped at :data:`MAX_BACKOFF_S`) between
     attempts. Raises :class:`DownloadError` listing every file that failed, with its URL.
@@ -327,6 +348,9 @@ def download_sets(
             removed += 1
         todo[destination] = (set_name, entry)
 
+    def url(set_name: str, entry: ManifestEntry) -> str:
+        return file_url(source or manifest.base_urls[set_name], entry)
+
     failures = []
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
         total=len(todo), unit="file", desc="download", disable=not progress or not todo
@@ -334,7 +358,7 @@ def download_sets(
         futures = {
             pool.submit(
                 _fetch_with_retries,
-                file_url(source, entry),
+                url(set_name, entry),
                 destination,
                 entry.sha256,
                 retries=retries,
@@ -346,10 +370,10 @@ def download_sets(
         for future in as_completed(futures):
             set_name, entry = futures[future]
             if (why := future.result()) is not None:
-                failures.append(f"{set_name}/{entry.name}: {why} ({file_url(source, entry)})")
+                failures.append(f"{set_name}/{entry.name}: {why} ({url(set_name, entry)})")
             bar.update()
 
     if failures:
         lines = "\n".join(f"  {line}" for line in sorted(failures))
         raise DownloadError(f"{len(failures)} of {len(todo)} file(s) failed:\n{lines}")
-    return DownloadReport(source=source, fetched=len(todo), skipped=len(destinations) - len(todo), removed=removed)
+    return DownloadReport(source=source or "manifest sources", fetched=len(todo), skipped=len(destinations) - len(todo), removed=removed)

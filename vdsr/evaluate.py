@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tqdm import tqdm
+
 from vdsr.color import modcrop, rgb2y
 from vdsr.images import ImageError, list_images, read_image
 from vdsr.metrics import SSIM_WINDOW, psnr, ssim
@@ -64,17 +66,20 @@ def check_evaluable(image: np.ndarray, scale: int, source: str) -> None:
 
 
 def evaluate_images(
-    images: Sequence[tuple[str, np.ndarray]], scales: Sequence[int], upscaler: Upscaler
+    images: Sequence[tuple[str, np.ndarray]], scales: Sequence[int], upscaler: Upscaler, progress: str | None = None
 ) -> dict[str, dict]:
     """Mean and per-image PSNR/SSIM for each scale.
 
     ``images`` are (name, uint8 RGB or gray array). Returns
     ``{"x2": {"psnr": mean, "ssim": mean, "images": {name: {"psnr": .., "ssim": ..}}}, ...}``.
+    ``progress``: label of a progress bar over images x scales (None: no bar).
     """
     results: dict[str, dict] = {}
+    bar = tqdm(total=len(images) * len(scales), desc=progress, unit="image", disable=progress is None)
     for scale in scales:
         per_image = {}
         for name, image in images:
+            bar.set_postfix_str(f"x{scale} {name}", refresh=False)
             check_evaluable(image, scale, name)
             hr_y = hr_luma(image, scale)
             estimate = to_uint8(upscaler(degrade(hr_y, scale), scale))
@@ -82,15 +87,19 @@ def evaluate_images(
                 "psnr": psnr(estimate, hr_y, crop_border=scale),
                 "ssim": ssim(estimate, hr_y, crop_border=scale),
             }
+            bar.update()
         results[f"x{scale}"] = {
             "psnr": float(np.mean([m["psnr"] for m in per_image.values()])),
             "ssim": float(np.mean([m["ssim"] for m in per_image.values()])),
             "images": per_image,
         }
+    bar.close()
     return results
 
 
-def evaluate_folder(folder: str | Path, scales: Sequence[int], upscaler: Upscaler) -> dict[str, dict]:
+def evaluate_folder(
+    folder: str | Path, scales: Sequence[int], upscaler: Upscaler, progress: str | None = None
+) -> dict[str, dict]:
     """:func:`evaluate_images` over every image file of ``folder`` (sorted by name)."""
     images = []
     for path in list_images(folder):
@@ -98,7 +107,7 @@ def evaluate_folder(folder: str | Path, scales: Sequence[int], upscaler: Upscale
         for scale in scales:
             check_evaluable(image, scale, str(path))
         images.append((path.stem, image))
-    return evaluate_images(images, scales, upscaler)
+    return evaluate_images(images, scales, upscaler, progress)
 
 
 def summary(results: dict[str, dict]) -> dict[str, dict[str, float]]:

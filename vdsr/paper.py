@@ -1,4 +1,4 @@
-"""Our results beside the paper's: its Table 3, the Markdown results table, comparison figures.
+"""Our results beside the paper's: its Table 3, the Markdown results table, gains, comparison panels.
 
 Kim, Lee, Lee, "Accurate Image Super-Resolution Using Very Deep Convolutional Networks", CVPR
 2016, Table 3: PSNR (dB) / SSIM on the Y channel with a border of ``scale`` pixels shaved, models
@@ -6,6 +6,8 @@ trained on 291 images (T91 + BSD200). Copied from ``shared/reference/paper_table
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -39,62 +41,121 @@ TABLE3: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
 Table = dict[str, dict[str, dict[str, float]]]  # {set: {"x2": {"psnr": .., "ssim": ..}}}, the metrics files
 
 
+@dataclass(frozen=True)
+class Column:
+    """One method of the table: our scores and the paper column they are compared with."""
+
+    label: str  # "bicubic" or a train section name ("vdsr", "srcnn", ...)
+    paper: str | None  # a key of METHODS, or None when the paper has no such column
+    table: Table
+
+
 def _cell(psnr: float | None, ssim: float | None) -> str:
     return "–" if psnr is None or ssim is None else f"{psnr:.2f} / {ssim:.4f}"
 
 
-def results_table(model: Table, bicubic: Table, model_label: str) -> str:
-    """Markdown table: our bicubic, the model, the paper's bicubic/SRCNN/VDSR and the gap to VDSR.
+def _paper(method: str | None, dataset: str, scale: str) -> tuple[float, float] | None:
+    return TABLE3.get(dataset, {}).get(scale, {}).get(method) if method else None
 
-    Rows follow ``model``; a value missing from ``bicubic`` or the paper shows as "–".
-    """
-    header = (
-        f"| set | scale | bicubic (ours) | {model_label} (ours) | bicubic (paper) | SRCNN (paper) "
-        "| VDSR (paper) | ours − paper VDSR (dB) |"
-    )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    for dataset, by_scale in model.items():
-        for scale, ours in by_scale.items():
-            base = bicubic.get(dataset, {}).get(scale, {})
-            paper = TABLE3.get(dataset, {}).get(scale, {})
-            cells = [_cell(base.get("psnr"), base.get("ssim")), _cell(ours["psnr"], ours["ssim"])]
-            cells += [_cell(*paper[m]) if m in paper else "–" for m in METHODS]
-            gap = f"{ours['psnr'] - paper['vdsr'][0]:+.2f}" if "vdsr" in paper else "–"
-            lines.append(f"| {dataset} | {scale} | {' | '.join(cells)} | {gap} |")
+
+def results_table(columns: list[Column]) -> str:
+    """Markdown in the layout of the paper's Table 3: one row per set and scale, and for each method
+    the paper's PSNR/SSIM, ours and our PSNR minus the paper's (dB). Rows follow the first column;
+    a value missing from a column or the paper shows as "–"."""
+    header, rule = ["Dataset", "Scale"], ["---", "---"]
+    for column in columns:
+        name = column.label if column.paper in (None, column.label) else f"{column.label} ({column.paper})"
+        header += [f"{name}: paper", f"{name}: ours", "Δ dB"]
+        rule += ["---"] * 3
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    for dataset, by_scale in columns[0].table.items():
+        for scale in by_scale:
+            cells = [dataset, scale]
+            for column in columns:
+                paper = _paper(column.paper, dataset, scale)
+                ours = column.table.get(dataset, {}).get(scale)
+                cells.append(_cell(*paper) if paper else "–")
+                cells.append(_cell(ours["psnr"], ours["ssim"]) if ours else "–")
+                cells.append(f"{ours['psnr'] - paper[0]:+.2f}" if ours and paper else "–")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-# --- comparison figures --------------------------------------------------------------------------
+def eval_metrics(columns: list[Column]) -> dict:
+    """All of the table for ``metrics/eval.json``: ``{set: {scale: {label: {psnr, ssim, paper_psnr,
+    paper_ssim, psnr_vs_paper}}}}`` (the paper's keys only where it has the value)."""
+    metrics: dict = {}
+    for column in columns:
+        for dataset, by_scale in column.table.items():
+            for scale, ours in by_scale.items():
+                entry = {"psnr": round(ours["psnr"], 4), "ssim": round(ours["ssim"], 4)}
+                if paper := _paper(column.paper, dataset, scale):
+                    entry |= {"paper_psnr": paper[0], "paper_ssim": paper[1],
+                              "psnr_vs_paper": round(ours["psnr"] - paper[0], 4)}
+                metrics.setdefault(dataset, {}).setdefault(scale, {})[column.label] = entry
+    return metrics
 
 
-def centre_crop_box(height: int, width: int, fraction: float = 0.25) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) of a square of side ``fraction * min(H, W)`` at the image centre."""
-    side = max(8, int(min(height, width) * fraction))
-    top, left = (height - side) // 2, (width - side) // 2
-    return top, left, top + side, left + side
+# --- per image ----------------------------------------------------------------------------------
+
+PerImage = dict[str, dict[str, dict]]  # {set: {"x2": {"images": {name: {"psnr", "ssim"}}}}} (evaluate_images)
 
 
-def comparison_figure(panels: list[tuple[str, np.ndarray]], box: tuple[int, int, int, int]) -> Image.Image:
-    """Images side by side, each with ``box`` outlined, over the same region enlarged (nearest neighbour).
+def per_image_rows(results: dict[str, PerImage]) -> list[dict[str, object]]:
+    """One row per (set, image, scale): ``<label>_psnr`` and ``<label>_ssim`` of each method.
 
-    ``panels``: (label, uint8 (H, W, 3) RGB or (H, W) gray), all the same size.
+    ``results``: {label: per-image results of :func:`vdsr.evaluate.evaluate_images` per set}; rows
+    follow the first method's sets, scales and images.
+    """
+    first = next(iter(results.values()))
+    rows = []
+    for dataset, by_scale in first.items():
+        for scale, entry in by_scale.items():
+            for image in entry["images"]:
+                row: dict[str, object] = {"set": dataset, "image": image, "scale": int(scale[1:])}
+                for label, result in results.items():
+                    scores = result.get(dataset, {}).get(scale, {}).get("images", {}).get(image, {})
+                    row[f"{label}_psnr"] = round(scores["psnr"], 4) if scores else ""
+                    row[f"{label}_ssim"] = round(scores["ssim"], 4) if scores else ""
+                rows.append(row)
+    return rows
+
+
+def gains(rows: list[dict[str, object]], model: str, over: str = "bicubic") -> list[tuple[float, dict]]:
+    """(``model`` PSNR minus ``over`` PSNR, row) of every row that has both, largest gain first."""
+    found = [(float(row[f"{model}_psnr"]) - float(row[f"{over}_psnr"]), row)
+             for row in rows if row.get(f"{model}_psnr", "") != "" and row.get(f"{over}_psnr", "") != ""]
+    return sorted(found, key=lambda item: (-item[0], item[1]["set"], item[1]["image"], item[1]["scale"]))
+
+
+def gains_table(ranked: list[tuple[float, dict]], count: int) -> str:
+    """Markdown: the ``count`` largest and smallest gains of :func:`gains`."""
+    lines = ["| | set | image | scale | gain (dB) |", "|---|---|---|---|---|"]
+    picks = [("most", item) for item in ranked[:count]]
+    picks += [("least", item) for item in ranked[max(count, len(ranked) - count):]]
+    for which, (gain, row) in picks:
+        lines.append(f"| {which} | {row['set']} | {row['image']} | x{row['scale']} | {gain:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- comparison panels ---------------------------------------------------------------------------
+
+
+def crop_panel(panels: list[tuple[str, np.ndarray]], zoom: int) -> Image.Image:
+    """Crops side by side, each enlarged ``zoom`` times (nearest neighbour) under its label.
+
+    ``panels``: (label, uint8 (h, w, 3) RGB or (h, w) gray), all the same size.
     """
     height, width = panels[0][1].shape[:2]
-    top, left, bottom, right = box
-    zoom = max(1, width // (right - left))
-    crop_h, crop_w = (bottom - top) * zoom, (right - left) * zoom
-    gap, label_h = 8, 18
-    figure = Image.new("RGB", (len(panels) * (width + gap) - gap, label_h + height + gap + crop_h), "white")
+    gap, label_h = 8, 16
+    figure = Image.new("RGB", (len(panels) * (width * zoom + gap) - gap, label_h + height * zoom), "white")
     draw = ImageDraw.Draw(figure)
     font = ImageFont.load_default()
     for i, (label, pixels) in enumerate(panels):
         if pixels.shape[:2] != (height, width):
             raise ValueError(f"panel {label!r} is {pixels.shape[:2]}, expected {(height, width)}")
-        image = Image.fromarray(pixels).convert("RGB")
-        x = i * (width + gap)
+        x = i * (width * zoom + gap)
         draw.text((x + 2, 2), label, fill="black", font=font)
-        figure.paste(image, (x, label_h))
-        draw.rectangle((x + left, label_h + top, x + right - 1, label_h + bottom - 1), outline=(255, 0, 0), width=2)
-        crop = image.crop((left, top, right, bottom)).resize((crop_w, crop_h), Image.Resampling.NEAREST)
-        figure.paste(crop, (x, label_h + height + gap))
+        crop = Image.fromarray(pixels).convert("RGB").resize((width * zoom, height * zoom), Image.Resampling.NEAREST)
+        figure.paste(crop, (x, label_h))
     return figure

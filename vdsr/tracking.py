@@ -265,6 +265,54 @@ def reproducibility_tags(repo_root: Path, device: Any = None) -> dict[str, str]:
     return tags
 
 
+PIPELINE_RUN_ENV = "VDSR_PIPELINE_RUN_ID"  # set it to group runs under an id of your choosing
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time in clock ticks since boot) of a Linux process, from /proc/<pid>/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...; starttime is field 22
+    return int(fields[1]), fields[19]
+
+
+def _is_dvc(pid: int) -> bool:
+    """Whether process ``pid`` is a ``dvc`` command (``dvc repro``, ``python -m dvc``, a queue worker)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    words = [Path(arg.decode(errors="replace")).name for arg in argv[:3]]
+    return "dvc" in words
+
+
+def pipeline_run_id() -> str:
+    """An id shared by the stages of one ``dvc repro`` / ``dvc exp run``, different for the next one.
+
+    ``$VDSR_PIPELINE_RUN_ID`` if set; else derived from the nearest ancestor process that is a
+    ``dvc`` command (its pid and start time: unique per invocation on a machine, and the same for
+    every stage it runs, ``train@vdsr`` and ``train@srcnn`` alike); else (a stage run by hand, or
+    not on Linux) a fresh random id. Logged as the tag ``pipeline.run_id``, so that the MLflow runs
+    of one pipeline run can be grouped (``tags.`pipeline.run_id` = '...'``).
+    """
+    import uuid
+
+    if os.environ.get(PIPELINE_RUN_ENV):
+        return os.environ[PIPELINE_RUN_ENV]
+    pid = os.getppid()
+    for _ in range(32):  # a bounded walk up the process tree
+        stat = _proc_stat(pid)
+        if stat is None or pid <= 1:
+            break
+        if _is_dvc(pid):
+            seed = f"{platform.node()}:{pid}:{stat[1]}"
+            return "dvc-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
+        pid = stat[0]
+    return "run-" + uuid.uuid4().hex[:12]
+
+
 def _system_metrics_available() -> bool:
     """MLflow's system metrics need psutil (an MLflow dependency); GPU ones also need nvidia-ml-py."""
     import importlib.util
@@ -503,11 +551,12 @@ class Run:
         self.end("FAILED" if exc_type is not None else "FINISHED")
 
 
-def start_run(*, repo_root: Path, params: dict, tags: dict[str, str]) -> Run:
+def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: str | None = None) -> Run:
     """Start a run in experiment :func:`experiment_name` of the store :func:`default_tracking_uri`.
 
     Logs ``params`` flattened (``train.lr``), ``tags`` and system metrics (CPU, memory, GPU when
-    nvidia-ml-py is installed). The run is named after the DVC experiment when there is one.
+    nvidia-ml-py is installed). The run is named ``run_name``, else after the DVC experiment when
+    there is one.
     Never raises for tracking problems: returns a no-op :class:`Run` and warns instead.
     """
     repo_root = Path(repo_root)
@@ -520,7 +569,7 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str]) -> Run:
         mlflow.set_tracking_uri(uri)
         active = mlflow.start_run(
             experiment_id=experiment_id,
-            run_name=os.environ.get("DVC_EXP_NAME") or None,
+            run_name=run_name or os.environ.get("DVC_EXP_NAME") or None,
             tags={key: str(value) for key, value in tags.items()},
             log_system_metrics=_system_metrics_available(),
             nested=mlflow.active_run() is not None,

@@ -70,7 +70,8 @@ from vdsr.distributed import check_same_data
 from vdsr.evaluate import to_uint8
 from vdsr.metrics import psnr
 from vdsr.models import ModelConfig, build_model, resolve_device
-from vdsr.runtime import Runtime, compiled, exact_fp32, resolve_runtime, training_flags
+from vdsr.runtime import Runtime, compiled, resolve_runtime, training_flags
+from vdsr.upscale import predict_y
 
 log = logging.getLogger(__name__)
 
@@ -304,14 +305,12 @@ def validate(model: nn.Module, validation: Validation, device: torch.device) -> 
     was_training = model.training
     model.eval()
     means = {}
-    with exact_fp32(device):
-        for scale, images in sorted(validation.items()):
-            values = []
-            for _name, lr, hr in images:
-                x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None, None].to(device)
-                estimate = model(x)[0, 0].float().cpu().numpy()
-                values.append(psnr(to_uint8(estimate), hr, crop_border=scale))
-            means[scale] = float(np.mean(values))
+    for scale, images in sorted(validation.items()):
+        values = []
+        for _name, lr, hr in images:
+            estimate = predict_y(model, lr, device, tile=0)  # the one inference path, in exact fp32
+            values.append(psnr(to_uint8(estimate), hr, crop_border=scale))
+        means[scale] = float(np.mean(values))
     model.train(was_training)
     return means
 

@@ -124,6 +124,23 @@ def predict_y(
     return out.astype(np.float64)
 
 
+def predict_window(
+    model: torch.nn.Module, y: np.ndarray, box: tuple[int, int, int, int], device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """:func:`predict_y` of ``y`` (H, W) inside ``box`` = (top, left, bottom, right) only, float64.
+
+    The network sees the box plus its receptive-field radius (clipped at the image border), as a
+    tile of :func:`predict_y` does, so the values equal those of whole-image inference.
+    """
+    top, left, bottom, right = box
+    if not (0 <= top < bottom <= y.shape[0] and 0 <= left < right <= y.shape[1]):
+        raise ValueError(f"box {box} is not inside the {y.shape} image")
+    radius = receptive_radius(model)
+    t0, l0 = max(top - radius, 0), max(left - radius, 0)
+    window = y[t0 : min(bottom + radius, y.shape[0]), l0 : min(right + radius, y.shape[1])]
+    return predict_y(model, window, device, tile=0, amp=False)[top - t0 : bottom - t0, left - l0 : right - l0]
+
+
 def load_network(path: Path, device: str) -> tuple[torch.nn.Module, torch.device]:
     """The model saved at ``path`` (:func:`vdsr.models.save_model`), in eval mode on ``device``."""
     from vdsr.models import load_model, resolve_device
