@@ -24,7 +24,7 @@ TRAIN = {
     "model": "vdsr", "depth": 3, "width": 8, "optimizer": "adam", "lr": 1.0e-3, "momentum": 0.9,
     "weight_decay": 0.0, "lr_schedule": "cosine", "lr_step_epochs": 20, "lr_gamma": 0.1, "min_lr": 0.0,
     "warmup_steps": 10, "epochs": 2, "batch_size": 8, "loss": "l1", "clip": "norm", "clip_theta": 1.0,
-    "augment": True, "steps_per_epoch": 300, "seed": 5, "device": "cpu", "precision": "bf16",
+    "augment": True, "steps_per_epoch": 120, "seed": 5, "device": "cpu", "precision": "bf16",
     "channels_last": True, "compile": "none", "checkpoint_minutes": 0.001,  # every step: a signal lands mid-epoch
 }
 # One thread: CPU results are bit-identical for a given thread count only.
@@ -77,12 +77,21 @@ def interrupt_stage(root: Path, env: dict[str, str], signum: int, timeout_s: flo
     return code, log.read_text()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory) -> Path:
+    """The same training run to its end without a signal."""
+    root, env = workspace(tmp_path_factory.mktemp("fresh"), prepared)
+    done = run_stage(root, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
 def weights(root: Path) -> dict[str, torch.Tensor]:
     return torch.load(root / "models" / "vdsr.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_stops_with_one_line_and_the_same_command_resumes_exactly(prepared, tmp_path, signum):
+def test_a_signal_stops_with_one_line_and_the_same_command_resumes_exactly(prepared, uninterrupted, tmp_path, signum):
     root, env = workspace(tmp_path / "stopped", prepared)
     code, output = interrupt_stage(root, env, signum)
     name = signal.Signals(signum).name
@@ -112,8 +121,7 @@ def test_a_signal_stops_with_one_line_and_the_same_command_resumes_exactly(prepa
     second = client.get_run(run_id)
     assert second.info.status == "FINISHED" and second.data.tags["continues_run"] == first.info.run_id
 
-    fresh, fresh_env = workspace(tmp_path / "fresh", prepared)
-    assert run_stage(fresh, fresh_env).returncode == 0
+    fresh = uninterrupted
     a, b = weights(root), weights(fresh)
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert (root / "plots" / "train_vdsr.csv").read_text() == (fresh / "plots" / "train_vdsr.csv").read_text()
