@@ -20,6 +20,8 @@ from vdsr.evaluate import evaluate_folder, summary
 from vdsr.models import ModelConfig, build_model, save_model
 from vdsr.upscale import load_upscaler
 
+from conftest import run_child
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE = REPO_ROOT / "stages" / "evaluate.py"
 
@@ -31,9 +33,7 @@ def stage_env() -> dict[str, str]:
 
 
 def run_stage(workspace: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(STAGE)], cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300
-    )
+    return run_child([sys.executable, str(STAGE)], cwd=workspace, env=stage_env(), timeout=300)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from vdsr.train import (
     step_decay_lr,
     train,
 )
+
+from conftest import run_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig("vdsr", depth=3, width=8)
@@ -265,8 +266,7 @@ def test_stage_end_to_end(data, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": section}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("DVC_ROOT", None)
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = run_child([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=tmp_path, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     with open(tmp_path / "plots" / "train.csv") as handle:

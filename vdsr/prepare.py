@@ -33,7 +33,7 @@ import json
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 PATCH_CHUNK = 64  # patches per HDF5 chunk: one training batch reads a few chunks
 START_METHOD = "spawn"  # workers are fresh interpreters: no threads, locks or open files inherited
 IN_FLIGHT_PER_WORKER = 2  # tasks submitted ahead per worker: enough to keep them busy, bounded memory
+WATCH_S = 1.0  # how often the consumer checks that no worker died unnoticed while it waits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -284,9 +285,9 @@ def map_in_order(
         for index, item in enumerate(items):
             window.append((index, _submit(pool, _run_task, fn, index, item)))
             if len(window) >= IN_FLIGHT_PER_WORKER * workers:
-                yield _result(window.popleft(), items, window, states, describe)
+                yield _result(pool, window.popleft(), items, window, states, describe)
         while window:
-            yield _result(window.popleft(), items, window, states, describe)
+            yield _result(pool, window.popleft(), items, window, states, describe)
         completed = True
     finally:
         if completed:
@@ -305,10 +306,13 @@ def _submit(pool: ProcessPoolExecutor, *args: Any) -> Future:
         return future
 
 
-def _result(head: tuple[int, Future], items: Sequence[T], window: collections.deque[tuple[int, Future]],
-            states: Any, describe: Callable[[T], str]) -> Any:
+def _result(pool: ProcessPoolExecutor, head: tuple[int, Future], items: Sequence[T],
+            window: collections.deque[tuple[int, Future]], states: Any, describe: Callable[[T], str]) -> Any:
     """The result of the oldest task, or the error that names its item (see :func:`map_in_order`)."""
     index, future = head
+    while not wait([future], timeout=WATCH_S).done:
+        if any(process.exitcode is not None for process in _workers(pool)):
+            _stop(pool)  # a worker died unnoticed (see _stop): the pool breaks now
     try:
         return future.result()
     except ImageError:
@@ -324,18 +328,25 @@ def _result(head: tuple[int, Future], items: Sequence[T], window: collections.de
         raise WorkerError(f"{describe(items[index])}: {type(error).__name__}: {error}") from error
 
 
+def _workers(pool: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProcess]:
+    """The pool's worker processes (a private table up to Python 3.14 at least; empty once shut down)."""
+    return list(dict(getattr(pool, "_processes", None) or {}).values())
+
+
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Kill the workers and shut ``pool`` down, waiting for nothing (a failure, or an early stop).
 
-    Killed workers end even in the middle of a task; the pool's manager thread then sees them gone
-    and releases the queues. Python 3.14 has ``pool.kill_workers()``; before it, the process table
-    is private (``_processes``).
+    A worker killed while it sends a result leaves half a message in the result pipe, and the
+    pool's manager thread then waits for the rest forever (CPython 3.11-3.13): this process holds
+    the pipe's write end as well, so no end-of-file comes, the futures never complete and the
+    interpreter cannot exit (it joins that thread). With every worker killed, closing our write
+    end turns that wait into an end-of-file: the pool breaks, fails its futures and ends its thread.
     """
-    if hasattr(pool, "kill_workers"):
-        pool.kill_workers()
-    else:
-        for process in dict(getattr(pool, "_processes", None) or {}).values():
-            process.kill()
+    for process in _workers(pool):
+        process.kill()  # even in the middle of a task
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)  # private, as above
+    if writer is not None:
+        writer.close()
     pool.shutdown(wait=False, cancel_futures=True)
 
 
