@@ -9,6 +9,7 @@ left. Then the stage itself, as DVC runs it, a few times.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import itertools
 import multiprocessing
@@ -21,13 +22,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pool_tasks import die_mid_message, read_or_die, read_or_fail
+from pool_tasks import die_mid_message, read, read_or_die, read_or_fail
 from vdsr.images import ImageError
 from vdsr.prepare import WorkerError, map_in_order, write_training_set
 
 from conftest import REPO_ROOT, run_child, stage_workdir
 
-LIMIT_S = 10.0  # per failing run; about 0.5 s on an idle 2-core machine (spawning the workers)
+LIMIT_S = 5.0  # from a worker's failure to the error here; ~0.1 s on an idle 2-core machine
+HANG_S = 600  # a hung run would hang pytest: faulthandler then prints every stack and ends it
 IMAGES = 6
 DAMAGES = {
     "truncated": lambda good: good[: len(good) // 3],
@@ -37,12 +39,20 @@ DAMAGES = {
 SIGNALS = ("SIGKILL", "SIGTERM", "SIGSEGV")
 
 
+@pytest.fixture(autouse=True)
+def no_hang():
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     """Six small RGB images, each big enough for one 41x41 patch."""
+    (tmp_path / "images").mkdir()
     paths = []
     for i in range(IMAGES):
-        paths.append(tmp_path / f"img{i}.png")
+        paths.append(tmp_path / "images" / f"img{i}.png")
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 56, 3), np.uint8)).save(paths[-1])
     return paths
 
@@ -57,45 +67,54 @@ def no_worker_left(timeout_s: float = 5.0) -> bool:
     return True
 
 
-def timed_failure(run) -> tuple[float, BaseException]:
-    started = time.monotonic()
+def failure(task, items: list[Path], stamp: Path) -> tuple[float, BaseException]:
+    """Run ``task`` over ``items`` in a 2-worker pool until it fails; (seconds from the failure in
+    the worker, stamped in ``stamp``, to the error here; the error)."""
+    stamp.unlink(missing_ok=True)
     with pytest.raises((ImageError, WorkerError)) as raised:
-        run()
-    return time.monotonic() - started, raised.value
+        with contextlib.closing(map_in_order(task, items, workers=2)) as heights:
+            assert all(height == 48 for height in heights)
+    return time.monotonic() - float(stamp.read_text()), raised.value
+
+
+def report(what: str, seconds: list[float]) -> None:
+    print(f"\n{len(seconds)} runs, {what}: failure to error max {max(seconds):.2f} s, mean {np.mean(seconds):.2f} s")
 
 
 def test_damaged_image_at_every_position_ends_the_pool_at_once(images: list[Path], tmp_path: Path) -> None:
-    out = tmp_path / "train.h5"
     good = {path: path.read_bytes() for path in images}
-    cases = list(itertools.product(range(IMAGES), DAMAGES))  # 18 cases
-    seconds = []
-    for position, damage in cases:
+    stamp, seconds = tmp_path / "failed-at", []
+    for position, damage in itertools.product(range(IMAGES), DAMAGES):  # 18 runs
         victim = images[position]
         victim.write_bytes(DAMAGES[damage](good[victim]))
-        took, error = timed_failure(functools.partial(
-            write_training_set, images, out, scales=[2], downsizing=[1.0], patch_size=41, stride=41, workers=2))
+        took, error = failure(functools.partial(read, str(stamp)), images, stamp)
         victim.write_bytes(good[victim])
         seconds.append(took)
         assert isinstance(error, ImageError) and str(error).startswith(f"{victim}: not a readable image"), error
         assert took < LIMIT_S, f"{damage} image at position {position}: {took:.1f} s"
         assert no_worker_left(), f"{damage} image at position {position}: workers still running"
-        assert sorted(tmp_path.iterdir()) == sorted(images)  # no train.h5, no temporary file
-    print(f"\n{len(seconds)} runs with a damaged image: max {max(seconds):.2f} s, mean {np.mean(seconds):.2f} s")
+    report("a damaged image", seconds)
 
 
-def test_worker_killed_by_a_signal_or_raising_ends_the_pool_at_once(images: list[Path]) -> None:
-    cases = [(position, name) for position in range(IMAGES) for name in (*SIGNALS, "raises")]  # 24 runs
-    seconds = []
-    for position, name in cases:
+def test_the_writer_leaves_nothing_when_a_worker_fails(images: list[Path], tmp_path: Path) -> None:
+    """write_training_set over the pool: the error names the file and no train.h5 is left."""
+    good = images[0].read_bytes()
+    for position in (0, IMAGES - 1):
+        images[0].write_bytes(good)
+        images[position].write_bytes(b"")
+        with pytest.raises(ImageError, match=f"^{images[position]}: not a readable image"):
+            write_training_set(images, tmp_path / "train.h5", scales=[2], downsizing=[1.0], patch_size=41,
+                               stride=41, workers=2)
+        assert sorted(tmp_path.iterdir()) == [tmp_path / "images"] and no_worker_left()
+
+
+def test_worker_killed_by_a_signal_or_raising_ends_the_pool_at_once(images: list[Path], tmp_path: Path) -> None:
+    stamp, seconds = tmp_path / "failed-at", []
+    for position, name in itertools.product(range(IMAGES), (*SIGNALS, "raises")):  # 24 runs
         victim = str(images[position])
-        task = (functools.partial(read_or_fail, victim) if name == "raises"
-                else functools.partial(read_or_die, victim, name))
-
-        def run() -> None:
-            with contextlib.closing(map_in_order(task, images, workers=2)) as heights:
-                assert all(height == 48 for height in heights)
-
-        took, error = timed_failure(run)
+        task = (functools.partial(read_or_fail, str(stamp), victim) if name == "raises"
+                else functools.partial(read_or_die, str(stamp), victim, name))
+        took, error = failure(task, images, stamp)
         seconds.append(took)
         assert isinstance(error, WorkerError), error
         if name == "raises":
@@ -105,32 +124,25 @@ def test_worker_killed_by_a_signal_or_raising_ends_the_pool_at_once(images: list
             assert str(error).count(str(images[0].parent)) <= 2, error
         assert took < LIMIT_S, f"{name} at position {position}: {took:.1f} s"
         assert no_worker_left(), f"{name} at position {position}: workers still running"
-    print(f"\n{len(seconds)} runs with a killed or raising worker: max {max(seconds):.2f} s, "
-          f"mean {np.mean(seconds):.2f} s")
+    report("a worker killed by a signal or raising", seconds)
 
 
-def test_worker_killed_in_the_middle_of_a_result_message(images: list[Path]) -> None:
+def test_worker_killed_in_the_middle_of_a_result_message(images: list[Path], tmp_path: Path) -> None:
     """Half a message in the result pipe: the pool's own thread would wait for the rest forever."""
-    seconds = []
-    for position in range(IMAGES):
+    stamp, seconds = tmp_path / "failed-at", []
+    for position in range(IMAGES):  # 6 runs
         victim = str(images[position])
-        task = functools.partial(die_mid_message, victim)
-
-        def run() -> None:
-            with contextlib.closing(map_in_order(task, images, workers=2)) as heights:
-                assert all(height == 48 for height in heights)
-
-        took, error = timed_failure(run)
+        took, error = failure(functools.partial(die_mid_message, str(stamp), victim), images, stamp)
         seconds.append(took)
         assert isinstance(error, WorkerError) and victim in str(error), error
         assert took < LIMIT_S, f"position {position}: {took:.1f} s"
         assert no_worker_left(), f"position {position}: workers still running"
-    print(f"\n{len(seconds)} runs with a worker killed mid-message: max {max(seconds):.2f} s")
+    report("a worker killed in the middle of a result", seconds)
 
 
-def test_serial_and_pooled_results_agree_and_keep_their_order(images: list[Path]) -> None:
+def test_serial_and_pooled_results_agree_and_keep_their_order(images: list[Path], tmp_path: Path) -> None:
     """The pool returns results in the order of the items, as the serial path does."""
-    task = functools.partial(read_or_die, "none", "SIGKILL")
+    task = functools.partial(read, str(tmp_path / "failed-at"))
     with contextlib.closing(map_in_order(task, images * 3, workers=2)) as pooled:
         assert list(pooled) == [48] * (3 * IMAGES)
     with contextlib.closing(map_in_order(str, images, workers=2)) as names:
