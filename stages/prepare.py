@@ -17,7 +17,7 @@ from pathlib import Path
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError, list_images
 from vdsr.io import atomic_path, error_message, remove_stale_temporaries
-from vdsr.prepare import write_training_set, write_validation_set
+from vdsr.prepare import WorkerError, write_training_set, write_validation_set
 
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")  # the stage's `outs` in dvc.yaml
@@ -77,7 +77,7 @@ def main() -> int:
                 stride=params.stride,
                 workers=params.workers,
             )
-    except (ParamsError, ImageError, ValueError, OSError) as error:  # OSError: disk full, read-only folder...
+    except (ParamsError, ImageError, WorkerError, ValueError, OSError) as error:  # OSError: disk full, read-only...
         print(f"prepare: error: {error_message(error)}", file=sys.stderr)
         return 1
     total = sum(counts.values())

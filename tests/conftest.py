@@ -108,11 +108,74 @@ def closed_port_url() -> str:
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore", ".dvcignore")
 
 
-def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
-    """Run a command (no shell), fail the test with its output if it exits non-zero."""
+STACK_DUMP_GRACE_S = 10.0  # after SIGABRT, for every Python process of a timed-out child to print its stacks
+
+
+def with_faulthandler(env: dict[str, str] | None) -> dict[str, str]:
+    """``env`` (default: this process's) with PYTHONFAULTHANDLER=1: every Python process started with
+    it, the children's children included, prints the stack of each thread on SIGABRT or a crash."""
+    return {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+
+
+def abort_with_stacks(process) -> None:
+    """SIGABRT the process group led by ``process`` (its Python processes print their stacks, see
+    :func:`with_faulthandler`), then SIGKILL what is left of the group after :data:`STACK_DUMP_GRACE_S`."""
+    import contextlib
+    import signal
     import subprocess
 
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=STACK_DUMP_GRACE_S)
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def run_child(args: list[str], *, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None,
+              **popen: object):
+    """Run a command (no shell) in its own process group, capturing text output, like ``subprocess.run``.
+
+    Past ``timeout`` seconds the test fails with the stack of every thread of every Python process
+    in the group (faulthandler, on SIGABRT) and the end of the command's output; nothing is left
+    running. Extra keywords go to ``subprocess.Popen`` (``preexec_fn``, ...).
+    """
+    import contextlib
+    import resource
+    import signal
+    import subprocess
+
+    with subprocess.Popen(args, cwd=cwd, env=with_faulthandler(env), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+                          **popen) as process:
+        with contextlib.suppress(OSError):  # no core files from the SIGABRT of a timeout
+            resource.prlimit(process.pid, resource.RLIMIT_CORE, (0, 0))
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            abort_with_stacks(process)
+            try:  # a descendant that left the group may hold the pipes open: read what there is
+                stdout, stderr = process.communicate(timeout=STACK_DUMP_GRACE_S)
+            except subprocess.TimeoutExpired as late:
+                stdout, stderr = (late.stdout or "", late.stderr or "")
+            raise AssertionError(
+                f"{' '.join(map(str, args))} ran over {timeout:g} s and was stopped; stacks (faulthandler) "
+                f"and output:\n--- stderr ---\n{_text(stderr)[-12000:]}\n--- stdout ---\n{_text(stdout)[-3000:]}"
+            ) from None
+        except BaseException:  # Ctrl-C: leave nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
+def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run a command (no shell) with :func:`run_child`; fail the test with its output if it exits non-zero."""
+    result = run_child(args, cwd=cwd, env=env, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

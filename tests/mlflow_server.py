@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import abort_with_stacks, with_faulthandler
+
 TINY: dict[str, dict] = {
     "download": {"sets": ["Set5", "Set14"], "workers": 4},
     "prepare": {"train_sets": ["Set14"], "val_set": "Set5", "scales": [2], "downsizing": [1.0], "workers": 1},
@@ -200,8 +202,8 @@ class Streamed:
         self.args = args
         self.started = time.monotonic()
         self.lines: list[tuple[float, str]] = []
-        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, errors="replace", start_new_session=True)
+        self.process = subprocess.Popen(args, cwd=cwd, env=with_faulthandler(env), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -241,17 +243,18 @@ class Streamed:
                 raise AssertionError(f"{' '.join(self.args)} exited {self.process.returncode} before "
                                      f"printing {pattern!r}:\n{self.output[-6000:]}")
             time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"no {pattern!r} within {timeout_s:g} s from {' '.join(self.args)}:\n"
-                             f"{self.output[-6000:]}")
+        self.kill(stacks=True)
+        raise AssertionError(f"no {pattern!r} within {timeout_s:g} s from {' '.join(self.args)}; stacks "
+                             f"(faulthandler) and output:\n{self.output[-12000:]}")
 
     def wait(self, timeout_s: float) -> int:
         """The exit status; on timeout the process group is killed and the test fails."""
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"{' '.join(self.args)} ran over {timeout_s:g} s:\n{self.output[-6000:]}") from None
+            self.kill(stacks=True)
+            raise AssertionError(f"{' '.join(self.args)} ran over {timeout_s:g} s; stacks (faulthandler) and "
+                                 f"output:\n{self.output[-12000:]}") from None
         self._reader.join(timeout=10)
         return self.process.returncode
 
@@ -262,7 +265,11 @@ class Streamed:
             raise AssertionError(f"{' '.join(self.args)} exited {code}:\n{self.output[-8000:]}")
         return self
 
-    def kill(self) -> None:
+    def kill(self, stacks: bool = False) -> None:
+        """SIGKILL the process group; with ``stacks``, SIGABRT it first so its Python processes print their stacks."""
+        if stacks:
+            abort_with_stacks(self.process)
+            self._reader.join(timeout=5)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)

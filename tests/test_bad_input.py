@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, png_header_only, set_params, stage_workdir
+from conftest import REPO_ROOT, png_header_only, run_child, set_params, stage_workdir
 
 SMALL = {
     "download": {"sets": ["Set5"], "workers": 2, "retries": 0, "timeout_s": 5},
@@ -48,8 +48,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def run_stage(stage: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     model = ["vdsr"] if stage in ("train", "evaluate") else []  # train@vdsr, evaluate@vdsr
-    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), *model], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_child([sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), *model], cwd=cwd, env=env, timeout=120)
 
 
 def assert_refused(result: subprocess.CompletedProcess, stage: str, message: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 
 from vdsr.cli import main
 from vdsr.evaluate import bicubic_upscaler, evaluate_folder, summary
+
+from conftest import run_child
 
 
 def test_evaluate_bicubic_prints_table_and_writes_json(set5_dir: Path, tmp_path: Path, capsys) -> None:
@@ -26,14 +27,14 @@ def test_evaluate_bicubic_prints_table_and_writes_json(set5_dir: Path, tmp_path:
 
 def test_evaluate_errors_name_the_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "empty")],
-                            capture_output=True, text=True)
+    result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "empty")],
+                       timeout=120)
     assert result.returncode == 2
     assert f"{tmp_path / 'empty'}: no image files" in result.stderr
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
-    result = subprocess.run([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "bad")],
-                            capture_output=True, text=True)
+    result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "bad")],
+                       timeout=120)
     assert result.returncode == 2 and "x.png: not a readable image" in result.stderr
 
 
@@ -42,7 +43,7 @@ def test_evaluate_refuses_an_image_too_small_naming_it(tmp_path: Path) -> None:
 
     (tmp_path / "set").mkdir()
     Image.fromarray(np.full((18, 30, 3), 120, np.uint8)).save(tmp_path / "set" / "tiny.png")
-    result = subprocess.run([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "set"),
-                             "--scales", "4"], capture_output=True, text=True)
+    result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "set"),
+                        "--scales", "4"], timeout=120)
     assert result.returncode == 2
     assert f"{tmp_path / 'set' / 'tiny.png'}: image is 30x18, too small to evaluate at x4" in result.stderr

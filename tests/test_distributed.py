@@ -26,6 +26,8 @@ import yaml
 
 from vdsr.prepare import write_training_set, write_validation_set
 
+from conftest import run_child
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE = REPO_ROOT / "stages" / "train.py"
 # `torchrun --standalone --nproc-per-node=2`, with this Python
@@ -63,7 +65,7 @@ def run_stage(folder: Path, command: list[str], **extra_env: str) -> subprocess.
                OMP_NUM_THREADS="1",  # as torchrun sets it for each of several processes
                GLOO_SOCKET_IFNAME="lo",  # gloo talks over the loopback interface only
                **extra_env)
-    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    return run_child(command, cwd=folder, env=env, timeout=600)
 
 
 def history(folder: Path) -> list[dict[str, float]]:

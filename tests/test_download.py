@@ -25,6 +25,8 @@ from vdsr.download import (
     resolve_source,
 )
 
+from conftest import run_child
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = REPO_ROOT / "data" / "manifest.json"
 FAST = dict(workers=4, retries=1, timeout_s=5.0, backoff_s=0.01, progress=False)
@@ -295,10 +297,7 @@ def run_stage(workdir: Path, params: str, mirror: str) -> subprocess.CompletedPr
     shutil.copyfile(MANIFEST, workdir / "data" / "manifest.json")
     (workdir / "params.yaml").write_text(params)
     env = {**os.environ, "VDSR_DATA_MIRROR": mirror}
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "stages" / "download.py")],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=60,
-    )
+    return run_child([sys.executable, str(REPO_ROOT / "stages" / "download.py")], cwd=workdir, env=env, timeout=60)
 
 
 def test_stage_downloads_from_mirror(tmp_path, manifest, shared_datasets):

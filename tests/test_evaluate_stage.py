@@ -24,6 +24,8 @@ from vdsr.models import ModelConfig, build_model, save_model
 from vdsr.evaluate import to_uint8
 from vdsr.upscale import load_upscaler, model_upscaler, predict_window, predict_y
 
+from conftest import run_child
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = REPO_ROOT / "stages"
 MODELS = {"vdsr": ModelConfig("vdsr", 3, 4), "srcnn": ModelConfig("srcnn", 3, 4)}
@@ -36,8 +38,7 @@ def stage_env() -> dict[str, str]:
 
 
 def run_stage(workspace: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(STAGES / f"{stage}.py"), *args], cwd=workspace, env=stage_env(),
-                          capture_output=True, text=True, timeout=300)
+    return run_child([sys.executable, str(STAGES / f"{stage}.py"), *args], cwd=workspace, env=stage_env(), timeout=300)
 
 
 def check(result: subprocess.CompletedProcess) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, run_checked, stage_workdir
+from conftest import REPO_ROOT, run_checked, run_child, stage_workdir
 from vdsr.prepare import load_patches
 
 # Large enough that prepare writes train.h5 for a few seconds (200 images, x2: 78 MB).
@@ -127,9 +127,8 @@ def run_stage(stage: str, cwd: Path, *, file_size_limit: int | None = None, wrap
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.run(
-        [*wrap, sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py")],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    return run_child(
+        [*wrap, sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py")], cwd=cwd, env=env, timeout=300,
         preexec_fn=limit_file_size if file_size_limit is not None else None,
     )
 
@@ -167,7 +166,7 @@ def test_disk_full_fails_clearly_and_keeps_previous_outputs(workdir: Path, stage
 
 def read_only_wrapper(folder: Path) -> list[str]:
     """argv prefix that runs a command with ``folder`` read-only; fails if this machine cannot."""
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30) if shutil.which("unshare") else None
     if probe is not None and probe.returncode == 0:
         # A private mount namespace: bind ``folder`` onto itself read-only, then exec the command.
         script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from conftest import run_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_runs_on_the_cpu_and_writes_its_summary(set5_dir, tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run(
+    done = run_child(
         [sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny", "--no-compile",
          "--workers", "1", "--raw", str(set5_dir.parent), "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(out.read_text())

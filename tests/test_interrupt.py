@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import run_child
 from vdsr.prepare import write_training_set, write_validation_set
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +52,7 @@ def workspace(root: Path, prepared: Path) -> tuple[Path, dict[str, str]]:
 
 
 def run_stage(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_child([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=root, env=env, timeout=600)
 
 
 def interrupt_stage(root: Path, env: dict[str, str], signum: int, timeout_s: float = 300) -> tuple[int, str]:

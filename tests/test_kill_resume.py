@@ -67,7 +67,7 @@ def kill_during_training(repo: Path, env: dict[str, str], log: Path, timeout_s: 
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the session leader's pid is the process group id
-        proc.wait()
+        proc.wait(timeout=30)
     return checkpoint_epoch(checkpoint)
 
 

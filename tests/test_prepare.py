@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from vdsr.images import ImageError, list_images, read_image
 from vdsr.prepare import load_patches, load_validation, write_training_set, write_validation_set
 from vdsr.resize import imresize
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_child
 
 OPTIONS = {"scales": [2, 3], "downsizing": [1.0, 0.7], "patch_size": 41, "stride": 41}
 
@@ -98,8 +97,7 @@ def test_stage_rejects_bad_params_before_work(tmp_path: Path) -> None:
         "prepare:\n  train_sets: [T91]\n  val_set: Set5\n  scales: [2, 9]\n  downsizing: [1.0]\n"
         "  patch_size: 41\n  stride: 41\n  workers: 1\n"
     )
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "stages/prepare.py")], cwd=tmp_path,
-                            capture_output=True, text=True)
+    result = run_child([sys.executable, str(REPO_ROOT / "stages/prepare.py")], cwd=tmp_path, timeout=60)
     assert result.returncode == 1
     assert "prepare.scales[1]: expected 2, 3 or 4, got 9" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()

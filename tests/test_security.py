@@ -23,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, run_checked, set_params
+from conftest import REPO_ROOT, run_checked, run_child, set_params
 from vdsr.config import _UniqueKeyLoader
 from vdsr.models import ModelConfig, ModelFileError, build_model, load_model, save_model
 
@@ -97,8 +97,7 @@ def test_checkpoint_loader_refuses_code(tmp_path: Path) -> None:
 
 
 def vdsr_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vdsr.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return run_child([sys.executable, "-m", "vdsr.cli", *args], cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize("kind", ["raw-pickle", "torch-zip"])
@@ -177,8 +176,7 @@ def test_params_yaml_cannot_construct_objects(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(
         f"prepare: !!python/object/apply:builtins.exec [\"open({str(marker)!r}, 'w')\"]\n"
     )
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "stages/prepare.py")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    result = run_child([sys.executable, str(REPO_ROOT / "stages/prepare.py")], cwd=tmp_path, timeout=60)
     assert result.returncode == 1 and "prepare: error: params.yaml: not valid YAML" in result.stderr
     assert "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply" in result.stderr
     assert not marker.exists()
@@ -199,9 +197,8 @@ def download_workdir(root: Path) -> Path:
 
 
 def run_download(work: Path, mirror: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "stages/download.py")], cwd=work,
-                          env={**os.environ, "VDSR_DATA_MIRROR": str(mirror)}, capture_output=True, text=True,
-                          timeout=60)
+    return run_child([sys.executable, str(REPO_ROOT / "stages/download.py")], cwd=work,
+                     env={**os.environ, "VDSR_DATA_MIRROR": str(mirror)}, timeout=60)
 
 
 def test_download_refuses_a_file_symlink_leading_out(tmp_path: Path, shared_datasets: Path) -> None:
@@ -247,8 +244,7 @@ def test_outputs_linked_into_the_dvc_cache_are_replaced_not_overwritten(pipeline
     assert hashlib.md5(cached.read_bytes()).hexdigest() == cached.parent.name + cached.name  # DVC's name
 
     set_params(repo / "params.yaml", {"prepare": {"scales": [3]}})
-    result = subprocess.run([sys.executable, "stages/prepare.py"], cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = run_child([sys.executable, "stages/prepare.py"], cwd=repo, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert not train.is_symlink()  # a new file in its place
     assert hashlib.md5(cached.read_bytes()).hexdigest() == cached.parent.name + cached.name  # cache intact

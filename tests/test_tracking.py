@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from vdsr import tracking
 
+from conftest import abort_with_stacks, with_faulthandler
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,11 +197,18 @@ def test_concurrent_first_runs_share_one_new_store(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=with_faulthandler(env),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         for _ in range(2)
     ]
-    outputs = [proc.communicate(timeout=240) for proc in procs]
+    try:
+        outputs = [proc.communicate(timeout=240) for proc in procs]
+    except subprocess.TimeoutExpired:
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
+            abort_with_stacks(proc)
+        stacks = "\n".join(proc.communicate(timeout=10)[1][-6000:] for proc in running)
+        raise AssertionError(f"a first run ran over 240 s; stacks (faulthandler):\n{stacks}") from None
     run_ids = [out.strip().splitlines()[-1] for out, _ in outputs]
     assert all(len(run_id) == 32 for run_id in run_ids), outputs
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -208,7 +217,7 @@ def test_concurrent_first_runs_share_one_new_store(tmp_path: Path) -> None:
 
 def test_reproducibility_tags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "init", "-q"], check=True, timeout=60)
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n"
         "  download:\n    cmd: python stages/download.py\n    deps:\n"
@@ -220,8 +229,8 @@ def test_reproducibility_tags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         "  train:\n    cmd: python stages/train.py\n    outs:\n"
         "    - path: models/model.pt\n      hash: md5\n      md5: 5555\n"
     )
-    subprocess.run([*git, "add", "dvc.lock"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    subprocess.run([*git, "add", "dvc.lock"], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True, timeout=60)
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
 
     tags = tracking.reproducibility_tags(tmp_path)

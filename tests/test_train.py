@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_script
+from conftest import load_script, run_child
 from vdsr import evaluate
 from vdsr.config import ParamsError, from_dict
 from vdsr.images import list_images, read_image
@@ -34,6 +33,7 @@ from vdsr.train import (
     step_decay_lr,
     train,
 )
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig("vdsr", depth=3, width=8)
@@ -261,8 +261,8 @@ def test_stage_end_to_end(data, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"vdsr": section}}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("DVC_ROOT", None)
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = run_child([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "vdsr"], cwd=tmp_path, env=env,
+                     timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     with open(tmp_path / "plots" / "train_vdsr.csv") as handle:

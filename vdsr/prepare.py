@@ -26,14 +26,18 @@ Layout of ``val.h5``: group ``x{s}`` per scale, in it one group per image name w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import logging
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -48,6 +52,16 @@ from vdsr.resize import imresize
 log = logging.getLogger(__name__)
 
 PATCH_CHUNK = 64  # patches per HDF5 chunk: one training batch reads a few chunks
+START_METHOD = "spawn"  # workers are fresh interpreters: no threads, locks or open files inherited
+IN_FLIGHT_PER_WORKER = 2  # tasks submitted ahead per worker: enough to keep them busy, bounded memory
+WATCH_S = 1.0  # how often the consumer checks that no worker died unnoticed while it waits
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class WorkerError(RuntimeError):
+    """A pool worker failed on an item, or died while on it (a signal, the OOM killer); names the item."""
 
 
 @dataclass(frozen=True)
@@ -193,8 +207,7 @@ def write_training_set(
         hr = h5.create_dataset("hr", shape, np.uint8, maxshape=(None, *shape[1:]),
                                chunks=(PATCH_CHUNK, *shape[1:]), track_times=False)
         scale_of = h5.create_dataset("scale", (0,), np.uint8, maxshape=(None,), chunks=(4096,), track_times=False)
-        with _pool(workers) as pool:
-            results = pool.imap(_patches_of_file, tasks) if pool else map(_patches_of_file, tasks)
+        with contextlib.closing(map_in_order(_patches_of_file, tasks, workers=workers, describe=_task_path)) as results:
             for name, digest, per_scale in tqdm(results, total=len(tasks), desc="prepare", unit="img"):
                 sources[name] = digest
                 for scale, lr_patches, hr_patches in per_scale:
@@ -212,22 +225,133 @@ def write_training_set(
     return counts
 
 
-class _pool:
-    """A process pool for ``workers > 1``, else None (serial, easier to debug and profile)."""
+# --- the process pool -------------------------------------------------------------------------
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.pool: multiprocessing.pool.Pool | None = None
+_task_states: Any = None  # in a worker: the shared per-task states (see map_in_order)
+_NOT_STARTED, _RUNNING, _FINISHED = 0, 1, 2
 
-    def __enter__(self) -> multiprocessing.pool.Pool | None:
-        if self.workers > 1:
-            self.pool = multiprocessing.Pool(self.workers)
-        return self.pool
 
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+def _init_worker(states: Any) -> None:
+    global _task_states
+    _task_states = states
+
+
+def _run_task(fn: Callable[[T], R], index: int, item: T) -> R:
+    """Worker: ``fn(item)``, marking task ``index`` running then finished in the shared states."""
+    _task_states[index] = _RUNNING
+    result = fn(item)
+    _task_states[index] = _FINISHED
+    return result
+
+
+def _call(fn: Callable[[T], R], item: T, describe: Callable[[T], str]) -> R:
+    """``fn(item)`` with the error contract of :func:`map_in_order` (serial path)."""
+    try:
+        return fn(item)
+    except ImageError:
+        raise
+    except Exception as error:  # noqa: BLE001  (named, with its cause, for the one error line)
+        raise WorkerError(f"{describe(item)}: {type(error).__name__}: {error}") from error
+
+
+def map_in_order(
+    fn: Callable[[T], R], items: Sequence[T], *, workers: int, describe: Callable[[T], str] = str
+) -> Iterator[R]:
+    """``fn(item)`` for each item, in the order of ``items``, computed by ``workers`` processes.
+
+    ``workers`` <= 1 runs serially in this process (easier to debug and profile). Otherwise a
+    :class:`ProcessPoolExecutor` of ``spawn``-ed workers (:data:`START_METHOD`: nothing is forked
+    from this process, which may run threads such as tqdm's monitor) computes at most
+    ``IN_FLIGHT_PER_WORKER * workers`` items ahead of the consumer, so memory holds a few results
+    whatever the number of items. ``fn`` must be picklable (a module-level function).
+
+    The first failure ends the iteration at once: an :class:`ImageError` from ``fn`` is raised as it
+    is (it names its file); any other exception becomes a :class:`WorkerError` naming the item
+    (``describe(item)``), its cause attached; a worker that dies (a signal, the OOM killer) raises
+    :class:`WorkerError` naming the item(s) it was on. The workers are then killed and the pool is
+    shut down without waiting for them. Close the generator (``contextlib.closing``) so that a
+    consumer that stops early stops the workers too.
+    """
+    if workers <= 1:
+        for item in items:
+            yield _call(fn, item, describe)
+        return
+    context = multiprocessing.get_context(START_METHOD)
+    states = context.RawArray("b", len(items))  # per item: not started, running or finished in a worker
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(states,))
+    window: collections.deque[tuple[int, Future]] = collections.deque()
+    completed = False
+    try:
+        for index, item in enumerate(items):
+            window.append((index, _submit(pool, _run_task, fn, index, item)))
+            if len(window) >= IN_FLIGHT_PER_WORKER * workers:
+                yield _result(pool, window.popleft(), items, window, states, describe)
+        while window:
+            yield _result(pool, window.popleft(), items, window, states, describe)
+        completed = True
+    finally:
+        if completed:
+            pool.shutdown(wait=True)  # the workers are idle: they exit at once
+        else:
+            _stop(pool)
+
+
+def _submit(pool: ProcessPoolExecutor, *args: Any) -> Future:
+    """``pool.submit(*args)``; once the pool is broken, a future holding that error (raised in order)."""
+    try:
+        return pool.submit(*args)
+    except BrokenProcessPool as error:
+        future: Future = Future()
+        future.set_exception(error)
+        return future
+
+
+def _result(pool: ProcessPoolExecutor, head: tuple[int, Future], items: Sequence[T],
+            window: collections.deque[tuple[int, Future]], states: Any, describe: Callable[[T], str]) -> Any:
+    """The result of the oldest task, or the error that names its item (see :func:`map_in_order`)."""
+    index, future = head
+    while not wait([future], timeout=WATCH_S).done:
+        if any(process.exitcode is not None for process in _workers(pool)):
+            _stop(pool)  # a worker died unnoticed (see _stop): the pool breaks now
+    try:
+        return future.result()
+    except ImageError:
+        raise
+    except BrokenProcessPool as error:
+        pending = [head, *window]
+        running = [i for i, _ in pending if states[i] == _RUNNING] or [i for i, _ in pending]
+        which = describe(items[running[0]]) if len(running) == 1 else \
+            "one of " + ", ".join(describe(items[i]) for i in running)
+        raise WorkerError(f"{which}: a worker process died while processing it (killed by a signal, "
+                          "or out of memory?)") from error
+    except Exception as error:  # noqa: BLE001
+        raise WorkerError(f"{describe(items[index])}: {type(error).__name__}: {error}") from error
+
+
+def _workers(pool: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProcess]:
+    """The pool's worker processes (a private table up to Python 3.14 at least; empty once shut down)."""
+    return list(dict(getattr(pool, "_processes", None) or {}).values())
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers and shut ``pool`` down, waiting for nothing (a failure, or an early stop).
+
+    A worker killed while it sends a result leaves half a message in the result pipe, and the
+    pool's manager thread then waits for the rest forever (CPython 3.11-3.13): this process holds
+    the pipe's write end as well, so no end-of-file comes, the futures never complete and the
+    interpreter cannot exit (it joins that thread). With every worker killed, closing our write
+    end turns that wait into an end-of-file: the pool breaks, fails its futures and ends its thread.
+    """
+    for process in _workers(pool):
+        process.kill()  # even in the middle of a task
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)  # private, as above
+    if writer is not None:
+        writer.close()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _task_path(task: tuple[Path, dict]) -> str:
+    return str(task[0])
 
 
 def write_validation_set(image_paths: Sequence[Path], out_path: str | Path, *, scales: Sequence[int]) -> None:
