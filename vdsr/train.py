@@ -536,7 +536,8 @@ def train(
                                         patches_s=f"{rate:.0f}")
                         if not estimated and rank == 0:
                             run_rate = run_steps * batch_size / (time.perf_counter() - run_start)
-                            announce_estimate(run_rate, bar.total - bar.n, batch_size, runtime)
+                            remaining = (config.epochs - epoch) * steps + steps - (step + 1)
+                            announce_estimate(run_rate, remaining, batch_size, runtime)
                         estimated = True
                     if step + 1 < steps and (world_size == 1 or boundary):  # mid-epoch: checkpoint or stop?
                         due = checkpoint_every_s is not None and time.monotonic() - last_checkpoint >= checkpoint_every_s
