@@ -226,11 +226,14 @@ def export_model(model_path: str | Path, fmt: str, out_path: str | Path) -> dict
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """The provenance an export recorded: from a ``.keras`` archive or an ONNX file."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(KERAS_METADATA))[PROVENANCE_KEY]
-    _require("onnx", ("onnx",))
-    import onnx
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return json.loads(archive.read(KERAS_METADATA))[PROVENANCE_KEY]
+        _require("onnx", ("onnx",))
+        import onnx
 
-    props = {prop.key: prop.value for prop in onnx.load(path, load_external_data=False).metadata_props}
-    return json.loads(props[PROVENANCE_KEY])
+        props = {prop.key: prop.value for prop in onnx.load(path, load_external_data=False).metadata_props}
+        return json.loads(props[PROVENANCE_KEY])
+    except (KeyError, ValueError) as error:  # onnx's DecodeError is a ValueError too
+        raise ExportError(f"{path}: no vdsr export provenance (not a .keras or ONNX file from `vdsr export`)") from error
