@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from vdsr.cli import main
+from vdsr.color import rgb2y
 from vdsr.evaluate import evaluate_images
 from vdsr.images import list_images, read_image
 from vdsr.models import ModelConfig, build_model, load_model, save_model
@@ -167,9 +168,11 @@ def test_export_records_source_sha256_config_and_commit(fmt: str, model_files: d
     assert record["training_commit"] == COMMIT and record["mlflow_run_id"] == "run-vdsr"
     assert record["source_model"] == "vdsr.pt"
     assert read_provenance(path) == record
-    with pytest.raises(ExportError, match=f"{source}: no vdsr export provenance"):
-        read_provenance(source)
-    assert list(tmp_path.glob(".*.tmp")) == []
+    (tmp_path / "notes.onnx").write_text("not a model")
+    for other in (source, tmp_path / "notes.onnx"):  # a torch zip, a file that is not a protobuf
+        with pytest.raises(ExportError, match=f"{other}: no vdsr provenance"):
+            read_provenance(other)
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == []
 
 
 # --- the README's snippets ------------------------------------------------------------------------
@@ -189,10 +192,10 @@ def run_snippet(code: str, cwd: Path) -> str:
     return result.stdout
 
 
-def test_readme_has_the_two_keras_snippets() -> None:
+def test_readme_has_the_three_snippets() -> None:
     snippets = readme_snippets()
-    assert len(snippets) == 2
-    assert "model.predict" in snippets[0] and "model.fit" in snippets[1]
+    assert len(snippets) == 3
+    assert "model.predict" in snippets[0] and "InferenceSession" in snippets[1] and "model.fit" in snippets[2]
 
 
 def test_readme_upscale_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tmp_path: Path) -> None:
@@ -212,13 +215,27 @@ def test_readme_upscale_snippet_equals_vdsr_upscale(model_files: dict, set5_dir:
     assert np.abs(got - bicubic).mean() > 1  # and the network did something
 
 
+def test_readme_onnx_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tmp_path: Path) -> None:
+    y = rgb2y(read_image(set5_dir / "bird.png"))  # 288 x 288 uint8
+    Image.fromarray(np.clip(np.round(imresize(y.astype(np.float64), 1 / 3)), 0, 255).astype(np.uint8)).save(
+        tmp_path / "gray.png")
+    export(model_files["vdsr"], "onnx", tmp_path / "vdsr.onnx")
+    run_snippet(readme_snippets()[1], tmp_path)
+    assert main(["upscale", str(tmp_path / "gray.png"), "--scale", "3", "--model", str(model_files["vdsr"]),
+                 "-o", str(tmp_path / "reference.png"), "--device", "cpu"]) == 0
+    got = np.asarray(Image.open(tmp_path / "gray-output.png")).astype(int)
+    expected = np.asarray(Image.open(tmp_path / "reference.png")).astype(int)
+    assert got.shape == expected.shape == (288, 288)
+    assert np.abs(got - expected).max() <= 1 and (got != expected).mean() < 1e-3
+
+
 def test_readme_fit_snippet_lowers_the_loss(model_files: dict, shared_datasets: Path, tmp_path: Path) -> None:
     images = sorted((shared_datasets / "data" / "yang91").glob("t*.bmp"))[:4]
     train_h5 = tmp_path / "data" / "prepared" / "train.h5"
     counts = write_training_set(images, train_h5, scales=SCALES, downsizing=[1.0], patch_size=41, stride=41)
     assert sum(counts.values()) >= 128  # a few batches of 64 per epoch
     export(model_files["vdsr"], "keras", tmp_path / "vdsr.keras")
-    stdout = run_snippet(readme_snippets()[1], tmp_path)
+    stdout = run_snippet(readme_snippets()[2], tmp_path)
     losses = ast.literal_eval(re.search(r"loss per epoch: (\[.*\])", stdout).group(1))
     assert len(losses) == 3 and losses[-1] < losses[0]
     # independently of Keras's running average: the fine-tuned model fits the patches better

@@ -49,6 +49,7 @@ FORMATS = ("keras", "onnx")
 ONNX_OPSET = 18  # the dynamo exporter's own opset (torch.onnx's onnxscript torchlib) in torch 2.9-2.13
 PROVENANCE_KEY = "vdsr"
 KERAS_METADATA = "metadata.json"  # the .keras archive's metadata file (keras_version, date_saved)
+EXTRAS = {"keras": ("keras",), "onnx": ("onnx", "onnxscript")}  # modules each export imports
 INSTALL = {"keras": "pip install -e '.[keras]'", "onnx": "pip install -e '.[onnx]'"}
 
 
@@ -56,13 +57,13 @@ class ExportError(ValueError):
     """An export this module cannot do (a missing optional extra, a bad output name)."""
 
 
-def _require(extra: str, modules: tuple[str, ...]) -> None:
-    """Import ``modules`` of the optional ``extra`` or raise :class:`ExportError` with its install line."""
+def _require(extra: str) -> None:
+    """Import the modules of the optional ``extra`` or raise :class:`ExportError` with its install line."""
     import importlib
 
     if extra == "keras":  # Keras 3 picks its backend at first import; without TensorFlow it must be torch
         os.environ.setdefault("KERAS_BACKEND", "torch")
-    for name in modules:
+    for name in EXTRAS[extra]:
         try:
             importlib.import_module(name)
         except ImportError as error:
@@ -98,7 +99,7 @@ def keras_model(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> ker
 
     VDSR: ``y + conv(relu(conv(... relu(conv(y)))))``; SRCNN: the same chain without the residual.
     """
-    _require("keras", ("keras",))
+    _require("keras")
     import keras
 
     prefixes = layer_plan(config)
@@ -147,7 +148,7 @@ def write_keras(model: keras.Model, out_path: Path, record: dict[str, Any]) -> N
 
 def onnx_program(model: torch.nn.Module) -> Any:
     """``onnx.ModelProto`` of ``model`` (eval mode, CPU) with dynamic batch, height and width."""
-    _require("onnx", ("onnx", "onnxscript"))
+    _require("onnx")
     import torch
 
     example = torch.zeros(1, 1, 64, 64)  # only its rank matters: every dimension below is dynamic
@@ -211,7 +212,7 @@ def export_model(model_path: str | Path, fmt: str, out_path: str | Path) -> dict
         raise ExportError(f"-o {out_path}: a Keras 3 model file must end in .keras (keras.saving.load_model needs it)")
     if out_path.resolve() == model_path.resolve():
         raise ExportError(f"-o {out_path}: is the source model itself; choose another output name")
-    _require(fmt, ("keras",) if fmt == "keras" else ("onnx", "onnxscript"))
+    _require(fmt)
     model, config, meta = load_model(model_path)
     record = provenance(model_path, config, meta)
     if fmt == "keras":
@@ -226,14 +227,20 @@ def export_model(model_path: str | Path, fmt: str, out_path: str | Path) -> dict
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """The provenance an export recorded: from a ``.keras`` archive or an ONNX file."""
     path = Path(path)
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                return json.loads(archive.read(KERAS_METADATA))[PROVENANCE_KEY]
-        _require("onnx", ("onnx",))
+    missing = ExportError(f"{path}: no vdsr provenance (not a .keras or ONNX file written by `vdsr export`)")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            metadata = json.loads(archive.read(KERAS_METADATA)) if KERAS_METADATA in names else {}
+    else:
+        _require("onnx")
         import onnx
+        from google.protobuf.message import DecodeError
 
-        props = {prop.key: prop.value for prop in onnx.load(path, load_external_data=False).metadata_props}
-        return json.loads(props[PROVENANCE_KEY])
-    except (KeyError, ValueError) as error:  # onnx's DecodeError is a ValueError too
-        raise ExportError(f"{path}: no vdsr export provenance (not a .keras or ONNX file from `vdsr export`)") from error
+        try:
+            metadata = {p.key: json.loads(p.value) for p in onnx.load(path).metadata_props if p.key == PROVENANCE_KEY}
+        except DecodeError:
+            raise missing from None
+    if PROVENANCE_KEY not in metadata:
+        raise missing
+    return metadata[PROVENANCE_KEY]
