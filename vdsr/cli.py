@@ -1,4 +1,4 @@
-"""The ``vdsr`` command: ``vdsr evaluate`` and ``vdsr upscale`` (library code, no DVC)."""
+"""The ``vdsr`` command: ``vdsr evaluate``, ``vdsr upscale`` and ``vdsr export`` (library code, no DVC)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,23 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a model file as Keras 3 (.keras, extra 'keras') or ONNX (extra 'onnx')"
+    )
+    parser.add_argument("model", type=Path, metavar="MODEL", help="model file (vdsr.models.save_model)")
+    parser.add_argument("--format", required=True, choices=["keras", "onnx"], help="output format")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output file (.keras for Keras)")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from vdsr.export import export_model  # keras / onnx are imported only here
+
+    export_model(args.model, args.format, args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdsr", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vdsr.upscale import add_arguments as add_upscale_arguments
 
     add_upscale_arguments(subparsers.add_parser("upscale", help="super-resolve your own images"))
+    _add_export(subparsers)
     return parser
 
 
