@@ -10,10 +10,22 @@ SMOKE_PARAMS = \
 	-S train.optimizer=adam -S train.lr=0.001 -S train.clip=norm -S train.clip_theta=1.0 \
 	-S train.epochs=3 -S train.steps_per_epoch=100 -S train.batch_size=32
 
+# The images: $VDSR_DATA_MIRROR when set, else ../shared/datasets when that folder exists, else
+# the public URLs of data/manifest.json. A folder is made absolute: the experiment runs in a copy.
+DATA_MIRROR := $(or $(VDSR_DATA_MIRROR),$(wildcard $(abspath ../shared/datasets)))
+DATA_MIRROR := $(if $(wildcard $(DATA_MIRROR)),$(abspath $(DATA_MIRROR)),$(DATA_MIRROR))
+SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
+
 .PHONY: smoke test bench
 
+# `--temp`: the experiment runs in a copy under .dvc/tmp/exps/, so params.yaml, dvc.lock and the
+# outputs in the workspace stay as they were; its results are kept as experiment $(SMOKE_NAME).
 smoke:
-	VDSR_DATA_MIRROR="$${VDSR_DATA_MIRROR:-../shared/datasets}" dvc exp run $(SMOKE_PARAMS)
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run --temp -n $(SMOKE_NAME) $(SMOKE_PARAMS)
+	@echo "Smoke run done: experiment $(SMOKE_NAME); the workspace is unchanged. To look at it:"
+	@echo "  dvc exp show --only-changed --drop 'bicubic|ssim|^data|^stages|^vdsr'  # its metrics and params"
+	@echo "  dvc exp apply $(SMOKE_NAME)    # its params, model, metrics, plots/images into the workspace"
+	@echo "  mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1   # its MLflow run, run name $(SMOKE_NAME)"
 
 test:
 	$(PYTHON) -m pytest

@@ -19,7 +19,7 @@ from vdsr.images import ImageError
 from vdsr.io import error_message, write_json_atomic
 
 RAW_DIR = Path("data/raw")
-METRICS_FILE = Path("metrics/bicubic.json")  # the stage's metrics in dvc.yaml
+METRICS_FILE = Path("metrics/bicubic.json")  # the stage's output in dvc.yaml
 TEST_SETS = ("Set5", "Set14", "T91", "BSD200")
 
 log = logging.getLogger("vdsr.stages.baseline")

@@ -105,7 +105,8 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore", ".dvcignore")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore",
+                  ".dvcignore", ".gitignore")
 
 
 def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):

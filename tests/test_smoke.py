@@ -1,19 +1,44 @@
-"""``make smoke``: the whole pipeline as a real ``dvc exp run`` on the CPU, logged to MLflow."""
+"""``make smoke``: the whole pipeline as a real temporary ``dvc exp run`` on the CPU, logged to MLflow,
+leaving the workspace as it was; its results come into the workspace with ``dvc exp apply``."""
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 from conftest import run_checked
 
 
-def test_make_smoke_runs_the_pipeline_as_an_experiment(pipeline_repo) -> None:
+def test_make_smoke_runs_the_pipeline_as_an_experiment_and_leaves_the_workspace(pipeline_repo) -> None:
     repo, env = pipeline_repo({})
-    result = run_checked(["make", "smoke"], repo, env, timeout=600)
+    params_before = (repo / "params.yaml").read_bytes()
+    result = run_checked(["make", "smoke", "SMOKE_NAME=smoke-test"], repo, env, timeout=900)
     for stage in ("download", "prepare", "baseline", "train", "evaluate"):
         assert f"Running stage '{stage}'" in result.stdout
+    assert re.search(r"dvc exp apply smoke-test\b", result.stdout), result.stdout[-3000:]
+    assert "dvc exp show" in result.stdout and "mlflow ui" in result.stdout, result.stdout[-3000:]
 
+    # Nothing in the workspace changed: the next command sees the committed pipeline.
+    assert run_checked(["git", "status", "--porcelain"], repo, env).stdout == ""
+    assert (repo / "params.yaml").read_bytes() == params_before
+    for path in ("dvc.lock", "metrics", "models", "plots", "data/raw", "data/prepared"):
+        assert not (repo / path).exists(), path
+    status = run_checked(["dvc", "status", "--json"], repo, env).stdout
+    assert set(json.loads(status)) == {"download", "prepare", "baseline", "train", "evaluate"}, status
+
+    # The results: an experiment in `dvc exp show`, an MLflow run in the repository's store.
+    shown = run_checked(["dvc", "exp", "show", "--json"], repo, env).stdout
+    assert "smoke-test" in shown
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        runs = db.execute("select run_uuid, status from runs where name = 'smoke-test'").fetchall()
+    assert len(runs) == 1 and runs[0][1] == "FINISHED", runs
+    run_id = runs[0][0]
+
+    # `dvc exp apply` brings params, outputs and metrics into the workspace, consistent with dvc.lock.
+    run_checked(["dvc", "exp", "apply", "smoke-test"], repo, env)
+    assert "depth: 6" in (repo / "params.yaml").read_text()
+    assert "up to date" in run_checked(["dvc", "status"], repo, env).stdout
     bicubic = json.loads((repo / "metrics/bicubic.json").read_text())
     evaluated = json.loads((repo / "metrics/eval.json").read_text())
     assert set(evaluated) == {"Set5", "Set14"}
@@ -22,17 +47,13 @@ def test_make_smoke_runs_the_pipeline_as_an_experiment(pipeline_repo) -> None:
             assert evaluated[dataset][scale]["psnr"] > bicubic[dataset][scale]["psnr"] + 0.3
     assert "| Set5 | x2 |" in (repo / "reports/results.md").read_text()
     assert sorted(p.name for p in (repo / "plots/images").iterdir())
+    assert (repo / "models/model.pt").is_file()
+    assert json.loads((repo / "models/mlflow_run.json").read_text())["run_id"] == run_id
 
-    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
     with sqlite3.connect(repo / "mlflow.db") as db:
-        status = db.execute("select status from runs where run_uuid = ?", (run_id,)).fetchone()[0]
         params = dict(db.execute("select key, value from params where run_uuid = ?", (run_id,)))
         metrics = {row[0] for row in db.execute("select key from metrics where run_uuid = ?", (run_id,))}
         tags = dict(db.execute("select key, value from tags where run_uuid = ?", (run_id,)))
-    assert status == "FINISHED"
     assert params["train.depth"] == "6" and params["prepare.train_sets"] == "['T91']"
     assert {"train_loss", "val_psnr_x2", "eval/Set5/x2/psnr", "eval/Set14/x4/ssim"} <= metrics
-    assert tags["dvc.exp_name"] and tags["git.commit"]
-
-    shown = json.loads(run_checked(["dvc", "exp", "show", "--json"], repo, env).stdout)
-    assert tags["dvc.exp_name"] in json.dumps(shown)
+    assert tags["dvc.exp_name"] == "smoke-test" and tags["git.commit"]
