@@ -106,7 +106,7 @@ def closed_port_url() -> str:
 
 
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore",
-                  ".dvcignore", ".gitignore")
+                  "models/.gitignore", ".dvcignore", ".gitignore")
 
 
 def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):

@@ -82,8 +82,10 @@ def assert_views(repo: Path, env: dict[str, str], experiments: dict[str, str]) -
     assert max(len(line) for line in lines) <= 120 and "…" not in table, table
     header = next(line for line in lines if "Experiment" in line).split()
     assert header[1:] == ["train_loss", "Set5.x2.psnr", "train.lr"], table
+    refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout.split()
     for name, lr in experiments.items():
-        psnr = json.loads(run_checked(["git", "show", f"{name}:metrics/eval.json"], repo, env).stdout)["Set5"]["x2"]["psnr"]
+        ref = next(ref for ref in refs if ref.endswith(f"/{name}"))  # an experiment is a git ref
+        psnr = json.loads(run_checked(["git", "show", f"{ref}:metrics/eval.json"], repo, env).stdout)["Set5"]["x2"]["psnr"]
         row = next(line for line in lines if f"[{name}]" in line)
         assert f"{psnr:.5g}" in row and row.split()[-1] == lr, (name, psnr, table)
 
