@@ -23,9 +23,11 @@ SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
 smoke:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run --temp -n $(SMOKE_NAME) $(SMOKE_PARAMS)
 	@echo "Smoke run done: experiment $(SMOKE_NAME); the workspace is unchanged. To look at it:"
-	@echo "  dvc exp show --only-changed --drop 'bicubic|ssim|^data|^stages|^vdsr'  # its metrics and params"
-	@echo "  dvc exp apply $(SMOKE_NAME)    # its params, model, metrics, plots/images into the workspace"
-	@echo "  mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1   # its MLflow run, run name $(SMOKE_NAME)"
+	@echo "  dvc exp show --only-changed --drop 'Created|epochs|wall_time_s|patches_per_s|val_psnr|Set14|.*ssim|(data|models|stages|vdsr|metrics/bicubic)'"
+	@echo "  dvc exp diff HEAD $(SMOKE_NAME)   # every param and metric that differs, one per line"
+	@echo "  dvc exp apply $(SMOKE_NAME)       # its params, model, metrics, plots/images into the workspace"
+	@echo "  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1"
+	@echo "    then http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (run $(SMOKE_NAME))"
 
 test:
 	$(PYTHON) -m pytest
