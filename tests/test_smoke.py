@@ -22,7 +22,7 @@ def test_make_smoke_runs_the_pipeline_as_an_experiment_and_leaves_the_workspace(
     # Nothing in the workspace changed: the next command sees the committed pipeline.
     assert run_checked(["git", "status", "--porcelain"], repo, env).stdout == ""
     assert (repo / "params.yaml").read_bytes() == params_before
-    for path in ("dvc.lock", "metrics", "models", "plots", "data/raw", "data/prepared"):
+    for path in ("dvc.lock", "metrics", "models/model.pt", "plots", "data/raw", "data/prepared"):
         assert not (repo / path).exists(), path
     status = run_checked(["dvc", "status", "--json"], repo, env).stdout
     assert set(json.loads(status)) == {"download", "prepare", "baseline", "train", "evaluate"}, status
