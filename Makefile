@@ -14,15 +14,29 @@ SMOKE_PARAMS = \
 	-S train.srcnn.width=32 -S train.srcnn.lr=0.001 \
 	-S train.srcnn.epochs=3 -S train.srcnn.steps_per_epoch=100 -S train.srcnn.batch_size=32
 
+# The images: $VDSR_DATA_MIRROR when set, else ../shared/datasets when that folder exists, else
+# the public URLs of data/manifest.json. A folder is made absolute: the experiment runs in a copy.
+DATA_MIRROR := $(or $(VDSR_DATA_MIRROR),$(wildcard $(abspath ../shared/datasets)))
+DATA_MIRROR := $(if $(wildcard $(DATA_MIRROR)),$(abspath $(DATA_MIRROR)),$(DATA_MIRROR))
+SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
+
 .PHONY: smoke release-cpu test bench
 
+# `--temp`: the experiment runs in a copy under .dvc/tmp/exps/, so params.yaml, dvc.lock and the
+# outputs in the workspace stay as they were; its results are kept as experiment $(SMOKE_NAME).
 smoke:
-	VDSR_DATA_MIRROR="$${VDSR_DATA_MIRROR:-../shared/datasets}" dvc exp run $(SMOKE_PARAMS)
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run --temp -n $(SMOKE_NAME) $(SMOKE_PARAMS)
+	@echo "Smoke run done: experiment $(SMOKE_NAME); the workspace is unchanged. To look at it:"
+	@echo "  dvc exp show --only-changed --drop 'Created|epochs|wall_time_s|patches_per_s|val_psnr|Set14|.*ssim|(data|models|stages|vdsr|metrics/bicubic)'"
+	@echo "  dvc exp diff HEAD $(SMOKE_NAME)   # every param and metric that differs, one per line"
+	@echo "  dvc exp apply $(SMOKE_NAME)       # its params, model, metrics, plots/images into the workspace"
+	@echo "  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1"
+	@echo "    then http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (run $(SMOKE_NAME))"
 
 # The CPU release recipe (presets/release-cpu.yaml) as a DVC experiment: hours on a 2-core CPU with
 # native bf16; Ctrl-C stops with a checkpoint and the same command resumes (README "Training on a CPU").
 release-cpu:
-	VDSR_DATA_MIRROR="$${VDSR_DATA_MIRROR:-../shared/datasets}" dvc exp run -n release-cpu \
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n release-cpu \
 		$$($(PYTHON) -m vdsr.presets release-cpu)
 
 test:

@@ -22,7 +22,7 @@ from vdsr.io import error_message, write_json_atomic
 
 from paths import RAW_DIR, RESULTS_DIR
 
-METRICS_FILE = Path("metrics/bicubic.json")  # the stage's metrics in dvc.yaml
+METRICS_FILE = Path("metrics/bicubic.json")  # the stage's output in dvc.yaml
 RESULTS_FILE = RESULTS_DIR / "bicubic.json"  # the stage's outs in dvc.yaml
 TEST_SETS = ("Set5", "Set14", "B100", "Urban100", "T91", "BSD200")
 

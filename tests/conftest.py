@@ -105,7 +105,8 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore", ".dvcignore")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore",
+                  "models/.gitignore", ".dvcignore", ".gitignore")
 
 
 STACK_DUMP_GRACE_S = 10.0  # after SIGABRT, for every Python process of a timed-out child to print its stacks

@@ -1,6 +1,7 @@
 """DVC experiments on the tiny pipeline and the MLflow runs they leave in the repository's store
-(``sqlite:///<repo>/mlflow.db``): named experiments one after another, then two queued ones run
-side by side by ``dvc queue start -j 2``."""
+(``sqlite:///<repo>/mlflow.db``): named experiments one after another, how they look in
+``dvc exp show`` and ``dvc plots show`` and how to get back to the committed state (README), then two
+queued ones run side by side by ``dvc queue start -j 2``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 import time
 from pathlib import Path
 
-from conftest import run_checked
+from conftest import REPO_ROOT, run_checked
 from mlflow.tracking import MlflowClient
 
 pytest_plugins = ["mlflow_server"]  # the tiny_repo fixture
@@ -50,8 +51,51 @@ def assert_complete_run(client: MlflowClient, run, name: str, lr: str) -> None:
     assert {"eval/Set5/x2/psnr", "eval/Set5/x2/ssim"} <= set(run.data.metrics), run.data.metrics
 
 
+def readme_command(prefix: str) -> list[str]:
+    """The command of README.md that starts with ``prefix``, split as a shell would (no shell)."""
+    import shlex
+
+    for line in (REPO_ROOT / "README.md").read_text().splitlines():
+        if line.startswith(prefix):
+            return shlex.split(line.split(" #", 1)[0])
+    raise AssertionError(f"README.md has no line starting with {prefix!r}")
+
+
+def assert_views(repo: Path, env: dict[str, str], experiments: dict[str, str]) -> None:
+    """`dvc plots show` renders each defined plot once, its HTML folder is git-ignored, and the
+    README's `dvc exp show` fits every experiment's PSNR and changed params in 120 columns."""
+    shown = json.loads(run_checked(["dvc", "plots", "show", "--json"], repo, env).stdout)
+    plots = shown["data"]
+    images = sorted(f"plots/comparison/{p.name}" for p in (repo / "plots/comparison").glob("*.png"))
+    assert images and sorted(plots) == sorted(["loss", "learning_rate", "validation_psnr", *images]), sorted(plots)
+    # The tiny pipeline validates x2 only: validation_psnr (x2, x3, x4) cannot find the other two.
+    assert {(e["name"], e["type"]) for e in shown.get("errors") or []} <= {("validation_psnr", "FieldNotFoundError")}
+    for name, renders in plots.items():
+        assert len(renders) == (0 if name == "validation_psnr" else 1), (name, renders)
+    run_checked(["dvc", "plots", "show"], repo, env)
+    assert (repo / "dvc_plots/index.html").is_file()
+    assert "dvc_plots" not in run_checked(["git", "status", "--porcelain", "--untracked-files=all"], repo, env).stdout
+
+    command = readme_command("dvc exp show --only-changed")
+    table = run_checked(command, repo, {**env, "COLUMNS": "120"}).stdout
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 120 and "…" not in table, table
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[1:] == ["train_loss", "Set5.x2.psnr", "train.lr"], table
+    refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout.split()
+    for name, lr in experiments.items():
+        ref = next(ref for ref in refs if ref.endswith(f"/{name}"))  # an experiment is a git ref
+        psnr = json.loads(run_checked(["git", "show", f"{ref}:metrics/eval.json"], repo, env).stdout)["Set5"]["x2"]["psnr"]
+        row = next(line for line in lines if f"[{name}]" in line)
+        assert f"{psnr:.5g}" in row and row.split()[-1] == lr, (name, psnr, table)
+
+
 def test_named_experiments_are_named_mlflow_runs(tiny_repo):
     repo, env = tiny_repo()
+    run_checked(["dvc", "repro"], repo, env, timeout=EXP_TIMEOUT_S)  # a committed baseline, with its dvc.lock
+    run_checked(["git", "add", "-A"], repo, env)
+    run_checked(["git", "commit", "-qm", "baseline"], repo, env)
+    committed = {path: (repo / path).read_bytes() for path in ("params.yaml", "dvc.lock", "metrics/eval.json")}
     for name, lr in (("lr-small", "0.0005"), ("lr-large", "0.002")):
         done = run_checked(["dvc", "exp", "run", "-n", name, "-S", f"train.vdsr.lr={lr}"], repo, env, timeout=EXP_TIMEOUT_S)
         output = done.stdout + done.stderr
@@ -59,12 +103,23 @@ def test_named_experiments_are_named_mlflow_runs(tiny_repo):
 
     head = run_checked(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     client, runs = store_runs(repo)
+    runs = [run for run in runs if run.data.tags.get("dvc.exp_name")]  # not the baseline's
     assert [run.info.run_name for run in runs] == ["lr-small/vdsr", "lr-large/vdsr"]
     for run, (name, lr) in zip(runs, (("lr-small", "0.0005"), ("lr-large", "0.002")), strict=True):
         assert_complete_run(client, run, name, lr)
         assert run.data.tags["dvc.exp_baseline_rev"] == head
     shown = exp_show(repo, env)
     assert shown["lr-small"]["lr"] == 0.0005 and shown["lr-large"]["lr"] == 0.002, shown
+    assert_views(repo, env, {"lr-small": "0.0005", "lr-large": "0.002"})
+
+    # `dvc exp run` left the last experiment in the workspace; the README's way back to the commit:
+    assert (repo / "params.yaml").read_bytes() != committed["params.yaml"]
+    run_checked(readme_command("dvc exp apply HEAD"), repo, env)
+    assert {path: (repo / path).read_bytes() for path in committed} == committed
+    assert "up to date" in run_checked(["dvc", "status"], repo, env).stdout
+    run_checked(["dvc", "exp", "apply", "lr-small"], repo, env)  # and to an experiment
+    assert "lr: 0.0005" in (repo / "params.yaml").read_text()
+    assert "up to date" in run_checked(["dvc", "status"], repo, env).stdout
 
 
 def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:

@@ -140,6 +140,19 @@ def test_tiny_pipeline_run_on_a_tracking_server_and_its_dashboard_page(tiny_repo
     assert "train.lr 0.001" in text and f"git.commit : {head}" in text, text[:3000]
     assert screenshot.stat().st_size > 10_000
 
+    # The experiment is one of model training, and the link the train stage logs opens its runs
+    # (MLflow 3.17 otherwise opens on an empty GenAI overview of traces and token usage).
+    kind = {t["key"]: t["value"] for t in experiment.get("tags", [])}.get("mlflow.experimentKind")
+    assert kind == "custom_model_development", experiment
+    link = re.search(r"dashboard (\S+)", stage_output(repro, "train"))[1]
+    assert link == f"{url}/#/experiments/{experiment['experiment_id']}/runs/{run_id}?workflowType=machine_learning"
+    experiment_page = f"{url}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
+    screenshot = tmp_path / "mlflow-experiment-page.png"
+    text = visible_text(open_page(experiment_page, tmp_path, screenshot))
+    keep_artifact(screenshot)
+    assert f"{run['info']['run_name']} " in text and "1 matching run" in text, text[:3000]
+    assert "Token Usage" not in text and "Agent versions" not in text, text[:3000]
+
 
 def test_unreachable_server_costs_seconds_not_the_run(tiny_repo, closed_port_url):
     repo, env = tiny_repo()

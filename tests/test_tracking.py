@@ -72,6 +72,26 @@ def test_experiment_name_from_environment(tmp_path: Path, monkeypatch: pytest.Mo
     assert client.get_experiment(client.get_run(run.run_id).info.experiment_id).name == "ablation"
 
 
+def test_experiment_is_marked_as_model_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLflow 3 UI opens an experiment by its kind: ours opens on the training runs."""
+    uri = f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
+    client = MlflowClient(uri)
+    run = tracking.start_run(repo_root=tmp_path, params={}, tags={})
+    run.end()
+    created = client.get_experiment(client.get_run(run.run_id).info.experiment_id)
+    assert created.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # An experiment made without the tag (an older version of this code, or by hand) gets it;
+    # a kind the user chose in the UI stays.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "untagged")
+    untagged = client.create_experiment("untagged")
+    tracking.start_run(repo_root=tmp_path, params={}, tags={}).end()
+    assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(untagged, "mlflow.experimentKind", "genai_development")
+    tracking.start_run(repo_root=tmp_path, params={}, tags={}).end()
+    assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "genai_development"
+
+
 def test_log_model_is_loadable_at_other_sizes(tmp_path: Path) -> None:
     import mlflow.pytorch
 

@@ -52,6 +52,13 @@ DEFAULT_EXPERIMENT = "vdsr"
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 MODEL_NAME = "model"  # the artifact name of the logged MLflow model
+# The experiment's kind, which decides the pages the MLflow 3 UI shows: "custom_model_development"
+# opens on the training runs instead of the empty GenAI "Overview" with the logged model under
+# "Agent versions". Values as in the UI's ExperimentKind enum (mlflow/server/js; also set by
+# mlflow/demo/generators/traces.py). MLflow 3.17's UI follows its `workflowType` URL parameter
+# instead (see :func:`dashboard_url`); the tag is for the 3.x versions before it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # Bounds on MLflow's HTTP client, applied only where the user has not set the variable. Measured
 # for one call to a server lost mid-run: refused connection ~2.6 s, silent server ~3 x 10 s; with
@@ -146,7 +153,8 @@ def _experiment_id(uri: str, name: str, artifact_root: Path | None) -> str:
     if experiment is None:
         try:
             location = artifact_root.as_uri() if artifact_root is not None else None
-            return client.create_experiment(name, artifact_location=location)
+            tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            return client.create_experiment(name, artifact_location=location, tags=tags)
         except MlflowException as error:  # created meanwhile by another process
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -156,6 +164,8 @@ def _experiment_id(uri: str, name: str, artifact_root: Path | None) -> str:
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}) or set MLFLOW_EXPERIMENT_NAME"
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version or by hand; a kind chosen in the UI stays
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -582,8 +592,21 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: 
         return run
     run = Run(active.info.run_id, uri)
     run.log_params(params)
-    log.info("mlflow: run %s in experiment %r (%s)", run.run_id, experiment_name(), uri)
+    log.info("mlflow: run %s in experiment %r (%s); dashboard %s", run.run_id, experiment_name(), uri,
+             dashboard_url(uri, experiment_id, run.run_id))
     return run
+
+
+def dashboard_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The page of a run (or of the experiment) in the MLflow UI, opened on model training.
+
+    MLflow 3.17's UI picks GenAI or model-training pages from its ``workflowType`` URL parameter,
+    then remembers it in the browser (earlier 3.x from the experiment's :data:`EXPERIMENT_KIND_TAG`).
+    A SQLite store is shown by ``mlflow ui`` at its default address (README).
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#{page}?workflowType=machine_learning"
 
 
 def resume_run(
