@@ -151,13 +151,13 @@ def test_crops_and_tiles_equal_whole_image_inference(workspace: Path) -> None:
     pixel on a rounding edge, and the same scores to 1e-4 dB."""
     model = build_model(MODELS["vdsr"]).eval()
     y = np.random.default_rng(0).random((70, 90))
-    whole = predict_y(model, y, "cpu", tile=0, amp=False)
+    whole = predict_y(model, y, "cpu", tile=0)
     for box in [(0, 0, 20, 30), (25, 40, 70, 90), (10, 5, 12, 7)]:
         top, left, bottom, right = box
         crop = predict_window(model, y, box, "cpu")
         assert np.abs(crop - whole[top:bottom, left:right]).max() < 5e-7, box
         assert np.array_equal(to_uint8(crop), to_uint8(whole[top:bottom, left:right])), box
-    tiled = predict_y(model, y, "cpu", tile=16, amp=False)
+    tiled = predict_y(model, y, "cpu", tile=16)
     assert np.abs(tiled - whole).max() < 5e-7 and np.array_equal(to_uint8(tiled), to_uint8(whole))
     folder = workspace / "data" / "raw" / "Set5"
     by_tiles = evaluate_folder(folder, [4], model_upscaler(model, torch.device("cpu"), tile=48))["x4"]["images"]

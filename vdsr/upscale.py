@@ -138,7 +138,7 @@ def predict_window(
     radius = receptive_radius(model)
     t0, l0 = max(top - radius, 0), max(left - radius, 0)
     window = y[t0 : min(bottom + radius, y.shape[0]), l0 : min(right + radius, y.shape[1])]
-    return predict_y(model, window, device, tile=0, amp=False)[top - t0 : bottom - t0, left - l0 : right - l0]
+    return predict_y(model, window, device, tile=0)[top - t0 : bottom - t0, left - l0 : right - l0]
 
 
 def load_network(path: Path, device: str) -> tuple[torch.nn.Module, torch.device]:
