@@ -9,6 +9,7 @@ start instead of half-way through a run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -94,7 +95,10 @@ def from_dict(config_cls: type[T], values: Any, section: str) -> T:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last),
+    and reads exponent floats without a dot (``1e-05``) as numbers, as YAML 1.2 does. PyYAML follows
+    YAML 1.1, where ``1e-05`` is a string; but DVC writes floats that way (``dvc exp run -S
+    train.vdsr.min_lr=1.0e-5`` leaves ``min_lr: 1e-05`` in params.yaml)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
@@ -109,6 +113,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: yaml.safe_load is unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
