@@ -33,7 +33,8 @@ STAGE = REPO_ROOT / "stages" / "train.py"
 # `torchrun --standalone --nproc-per-node=2`, with this Python
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 TRAIN = {"depth": 3, "width": 8, "optimizer": "sgd", "lr": 3.0e-5, "clip": "none", "epochs": 2, "batch_size": 8,
-         "steps_per_epoch": 10, "seed": 0, "device": "cpu"}
+         "steps_per_epoch": 10, "seed": 0, "device": "cpu",
+         "precision": "fp32", "channels_last": False}  # fp32: one vs two processes differ by float rounding only
 WEIGHTS_ATOL = 1e-5
 PSNR_ATOL_DB = 1e-3
 LOSS_RTOL = 1e-4
@@ -99,7 +100,7 @@ def test_two_processes_train_the_model_of_one_and_resume(prepared, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     output = second.stdout + second.stderr
     assert "resuming from checkpoints/vdsr/last.pt after epoch 1" in output
-    assert "(10 steps of 8 per epoch, 4 in each of 2 processes) on cpu, epochs 2..2" in output
+    assert "(10 steps of 8 per epoch, 4 in each of 2 processes) on cpu fp32 NCHW, epochs 2..2" in output
 
     # Same model and metrics as one process, to within float rounding (module docstring).
     single, double = weights(one), weights(two)

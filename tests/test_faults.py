@@ -39,7 +39,8 @@ SMALL_PARAMS = {
     "prepare": {"train_sets": ["Set14"], "val_set": "Set5", "scales": [2, 4], "downsizing": [1.0], "workers": 1},
     "baseline": {"sets": ["Set5"], "scales": [2]},
 }
-OUTPUTS = {"prepare": ["data/prepared/train.h5", "data/prepared/val.h5"], "baseline": ["metrics/bicubic.json"]}
+OUTPUTS = {"prepare": ["data/prepared/train.h5", "data/prepared/val.h5"],
+           "baseline": ["results/bicubic.json", "metrics/bicubic.json"]}
 
 
 def sha256(path: Path) -> str:
@@ -148,7 +149,7 @@ def workdir(tmp_path: Path, shared_datasets: Path) -> Path:
     [
         ("prepare", 8 << 20, "data/prepared/train.h5"),  # val.h5 (5.7 MB, written first) fits, train.h5 (18 MB) not
         ("prepare", 1 << 20, "data/prepared/val.h5"),
-        ("baseline", 16, "metrics/bicubic.json"),
+        ("baseline", 16, "results/bicubic.json"),  # written first
     ],
     ids=["prepare-train.h5", "prepare-val.h5", "baseline"],
 )

@@ -144,7 +144,7 @@ def test_tiny_pipeline_run_on_a_tracking_server_and_its_dashboard_page(tiny_repo
     # (MLflow 3.17 otherwise opens on an empty GenAI overview of traces and token usage).
     kind = {t["key"]: t["value"] for t in experiment.get("tags", [])}.get("mlflow.experimentKind")
     assert kind == "custom_model_development", experiment
-    link = re.search(r"dashboard (\S+)", stage_output(repro, "train"))[1]
+    link = re.search(r"dashboard (\S+)", stage_output(repro, "train@vdsr"))[1]
     assert link == f"{url}/#/experiments/{experiment['experiment_id']}/runs/{run_id}?workflowType=machine_learning"
     experiment_page = f"{url}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
     screenshot = tmp_path / "mlflow-experiment-page.png"

@@ -53,7 +53,7 @@ import datetime
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vdsr.checkpoints import Position, checkpoint_to_resume, position_of, save_checkpoint, set_rng_states
 from vdsr.distributed import check_same_data
@@ -362,6 +363,18 @@ def announce_estimate(patches_per_s: float, remaining_steps: int, batch_size: in
                     "with a checkpoint, and the same command resumes.", duration(seconds))
 
 
+@contextlib.contextmanager
+def progress_bar(total: int, initial: int, enabled: bool) -> Iterator[tqdm]:
+    """One bar over the whole run's steps (its ETA is the run's); while it is shown, log lines go
+    through ``tqdm.write`` so that they print above it instead of into it."""
+    bar = tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    try:
+        with logging_redirect_tqdm() if enabled else contextlib.nullcontext():
+            yield bar
+    finally:
+        bar.close()
+
+
 def _agree(flags: list[bool], world_size: int, device: torch.device) -> list[bool]:
     """Each flag true if it is true in any process (a collective under DDP; as given for one process)."""
     if world_size == 1:
@@ -486,11 +499,9 @@ def train(
                                 config=config, data_id=data_id, position=position, history=history,
                                 extra=checkpoint_extra)
 
-        bar = tqdm(total=config.epochs * steps, initial=at.epoch * steps + at.step, desc="train", unit="step",
-                   disable=not progress or rank != 0, dynamic_ncols=True)
         run_start, run_steps, last_checkpoint, estimated = time.perf_counter(), 0, time.monotonic(), False
         model.train()
-        try:
+        with progress_bar(config.epochs * steps, at.epoch * steps + at.step, progress and rank == 0) as bar:
             for epoch in range(at.epoch + 1, config.epochs + 1):
                 resumed = epoch == at.epoch + 1
                 first = at.step if resumed else 0
@@ -567,8 +578,6 @@ def train(
                     on_epoch_end(epoch, dict(row))
                 if epoch < config.epochs and _agree([stop is not None and stop()], world_size, device)[0]:
                     raise TrainingInterrupted(Position(epoch), checkpoint_path)
-        finally:
-            bar.close()
 
     model.eval()
     return TrainResult(model=model, history=history, resumed_from=at.epoch, resumed_at=at, checkpoint_extra=extra)
