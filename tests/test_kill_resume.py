@@ -1,9 +1,11 @@
-"""`kill -9` in the middle of `dvc repro train`, then `dvc repro train` again: the stage resumes
-from checkpoints/last.pt and ends exactly where an uninterrupted run ends (CPU, fixed seeds).
+"""`kill -9` in the middle of an epoch of `dvc repro train`, then `dvc repro train` again: the stage
+resumes from checkpoints/vdsr/last.pt at the step it holds and ends exactly where an uninterrupted
+run ends (CPU, fixed seeds).
 
 What makes this work, and what this test pins down:
 - `checkpoints` is a `persist: true` output, so DVC does not delete it before re-running the stage;
-- the checkpoint is replaced atomically after every epoch, so a kill leaves the last whole one;
+- the checkpoint is replaced atomically after every epoch and every `train.checkpoint_minutes`
+  (here: every step), so a kill leaves the last whole one, mid-epoch;
 - DVC's repository lock is an fcntl lock, which the kernel releases when its holder dies, and its
   per-output lock (.dvc/tmp/rwlock) records the holder's pid: DVC 3.x sees that the pid is gone,
   warns "... had been killed. Auto removed it from the lock file." and goes on. Nothing needs to
@@ -34,7 +36,7 @@ PARAMS = {
     # under a second an epoch (validation included) on one CPU thread.
     "train": {"vdsr": {"depth": 3, "width": 8, "optimizer": "sgd", "lr": 0.1, "clip": "adjustable",
                        "clip_theta": 1.0e-4, "epochs": EPOCHS, "batch_size": 8, "steps_per_epoch": 40, "seed": 7,
-                       "device": "cpu"},
+                       "device": "cpu", "checkpoint_minutes": 0.0001},  # a checkpoint after every step
               "srcnn": None},  # one model: train@vdsr
 }
 KILL_AFTER_EPOCH = 2
@@ -44,31 +46,33 @@ KILL_AFTER_EPOCH = 2
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
-def checkpoint_epoch(path: Path) -> int:
-    """Epochs done according to the checkpoint; 0 while there is none."""
+def checkpoint_position(path: Path) -> tuple[int, int]:
+    """(epochs done, steps of the next) according to the checkpoint; (0, 0) while there is none."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        return 0
+        return 0, 0
+    return int(payload["epoch"]), int(payload["step"])
 
 
-def kill_during_training(repo: Path, env: dict[str, str], log: Path, timeout_s: float = 300) -> int:
+def kill_during_training(repo: Path, env: dict[str, str], log: Path, timeout_s: float = 300) -> tuple[int, int]:
     """Start `dvc repro train` in its own session, SIGKILL the whole session (dvc, the shell, the
-    stage) once the checkpoint holds KILL_AFTER_EPOCH epochs; return the epochs it then holds."""
+    stage) once the checkpoint holds KILL_AFTER_EPOCH epochs and some steps of the next; return
+    the position it then holds."""
     checkpoint = repo / "checkpoints" / "vdsr" / "last.pt"
     with open(log, "w") as out:
         proc = subprocess.Popen(["dvc", "repro", "train@vdsr"], cwd=repo, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
-        while checkpoint_epoch(checkpoint) < KILL_AFTER_EPOCH:
+        while not (checkpoint_position(checkpoint)[0] >= KILL_AFTER_EPOCH and checkpoint_position(checkpoint)[1] > 0):
             assert proc.poll() is None, f"dvc repro train ended ({proc.returncode}) before the kill:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"no checkpoint of epoch {KILL_AFTER_EPOCH} in {timeout_s} s"
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the session leader's pid is the process group id
         proc.wait(timeout=30)
-    return checkpoint_epoch(checkpoint)
+    return checkpoint_position(checkpoint)
 
 
 def weights(repo: Path) -> dict[str, torch.Tensor]:
@@ -82,8 +86,8 @@ def test_kill_9_then_repro_resumes_to_the_uninterrupted_result(pipeline_repo, tm
     fresh = tmp_path / "fresh"  # the same repository, data prepared, for the uninterrupted run
     shutil.copytree(repo, fresh, symlinks=True)
 
-    killed_at = kill_during_training(repo, env, tmp_path / "killed.log")
-    assert KILL_AFTER_EPOCH <= killed_at < EPOCHS, (tmp_path / "killed.log").read_text()
+    killed_at, killed_step = kill_during_training(repo, env, tmp_path / "killed.log")
+    assert KILL_AFTER_EPOCH <= killed_at < EPOCHS and killed_step > 0, (tmp_path / "killed.log").read_text()
     assert not (repo / "metrics" / "train_vdsr.json").exists()  # the stage did not finish
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert "train@vdsr" not in lock["stages"]  # ... and DVC recorded nothing for it
@@ -93,14 +97,15 @@ def test_kill_9_then_repro_resumes_to_the_uninterrupted_result(pipeline_repo, tm
     resumed_s = time.perf_counter() - started
     output = resumed.stdout + resumed.stderr
     assert "had been killed. Auto removed it from the lock file." in output  # DVC's stale-lock handling
-    assert f"resuming from checkpoints/vdsr/last.pt after epoch {killed_at}" in output
+    assert (f"resuming from checkpoints/vdsr/last.pt after epoch {killed_at} and {killed_step} steps of "
+            f"epoch {killed_at + 1}") in output
     assert f"epochs {killed_at + 1}..{EPOCHS}" in output  # only the missing epochs are trained
     assert "epoch 1:" not in output
 
     started = time.perf_counter()
     run_checked(["dvc", "repro", "train@vdsr"], fresh, env)
     uninterrupted_s = time.perf_counter() - started
-    print(f"killed after epoch {killed_at}; resumed run {resumed_s:.1f} s, uninterrupted run {uninterrupted_s:.1f} s")
+    print(f"killed after epoch {killed_at} and {killed_step} steps; resumed run {resumed_s:.1f} s, uninterrupted run {uninterrupted_s:.1f} s")
 
     # Bit for bit: per-epoch history, final metrics (timings aside) and weights.
     assert (repo / "plots" / "train_vdsr.csv").read_text() == (fresh / "plots" / "train_vdsr.csv").read_text()
