@@ -18,7 +18,7 @@ from vdsr.distributed import gpu_index
 from vdsr.images import list_images, read_image
 from vdsr.models import ModelConfig, build_model
 from vdsr.prepare import load_patches, load_validation, write_training_set, write_validation_set
-from vdsr.runtime import bf16_is_native, cpu_has_native_bf16, exact_fp32, fp32_precisions, resolve_runtime
+from vdsr.runtime import bf16_is_native, cpu_has_native_bf16, fp32_precisions, resolve_runtime
 from vdsr.train import (
     LOG_EVERY,
     TrainConfig,
