@@ -35,9 +35,10 @@ smoke:
 
 # The CPU release recipe (presets/release-cpu.yaml) as a DVC experiment: hours on a 2-core CPU with
 # native bf16; Ctrl-C stops with a checkpoint and the same command resumes (README "Training on a CPU").
+# VDSR only (its training and evaluation; not SRCNN's stages nor the report).
 release-cpu:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n release-cpu \
-		$$($(PYTHON) -m vdsr.presets release-cpu)
+		$$($(PYTHON) -m vdsr.presets release-cpu) evaluate@vdsr
 
 test:
 	$(PYTHON) -m pytest
