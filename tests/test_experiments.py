@@ -5,13 +5,17 @@ queued ones run side by side by ``dvc queue start -j 2``."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 
-from conftest import REPO_ROOT, run_checked
+from conftest import REPO_ROOT, run_checked, run_child, with_faulthandler
 from mlflow.tracking import MlflowClient
 
 pytest_plugins = ["mlflow_server"]  # the tiny_repo fixture
@@ -136,6 +140,51 @@ def queue_status(repo: Path, env: dict[str, str]) -> dict[str, str]:
     return status
 
 
+def repo_processes(repo: Path) -> dict[int, str]:
+    """{pid: command line} of every process (but this one) whose working directory is in ``repo``."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if int(proc.name) != os.getpid() and Path(os.readlink(proc / "cwd")).is_relative_to(repo):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def start_queue_workers(repo: Path, env: dict[str, str], count: int) -> None:
+    """``dvc queue start -j count``, returning as soon as the workers are started.
+
+    DVC forks its workers with ``multiprocessing`` and they keep the command's stdout and stderr:
+    read through pipes (:func:`run_checked`), the command would seem to run until every worker has
+    exited. Its output goes to a file instead, like the workers' own (``.dvc/tmp/exps/celery``).
+    """
+    log = repo / ".dvc" / "tmp" / "queue-start.log"
+    with log.open("ab") as out:
+        done = subprocess.run(["dvc", "queue", "start", "-j", str(count)], check=False, cwd=repo, env=with_faulthandler(env),
+                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=120)
+    assert done.returncode == 0, f"dvc queue start exited {done.returncode}: {log.read_text()}"
+
+
+def queue_diagnostics(repo: Path, env: dict[str, str], names) -> str:
+    """What a stuck queue was doing: the stack of every Python process working in ``repo`` (SIGABRT;
+    they run with PYTHONFAULTHANDLER and write to DVC's log files), the workers' logs and each
+    experiment's log. The processes are killed."""
+    pids = list(repo_processes(repo))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+    time.sleep(5)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    parts = [f"processes in the repository: {pids}"]
+    parts += [f"--- {log.relative_to(repo)} ---\n{log.read_text(errors='replace')[-4000:]}"
+              for log in sorted((repo / ".dvc" / "tmp").rglob("*.out")) + sorted((repo / ".dvc" / "tmp").glob("*.log"))]
+    for name in names:
+        logs = run_child(["dvc", "queue", "logs", name], cwd=repo, env=env, timeout=60)
+        parts.append(f"--- dvc queue logs {name} ---\n{(logs.stdout + logs.stderr)[-4000:]}")
+    return "\n".join(parts)
+
+
 def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
     repo, env = tiny_repo()
     run_checked(["dvc", "repro", "prepare", "baseline"], repo, env, timeout=EXP_TIMEOUT_S)
@@ -148,16 +197,23 @@ def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
         run_checked(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.vdsr.lr={lr}"], repo, env)
     assert set(queue_status(repo, env).values()) == {"Queued"}
     started = time.monotonic()
-    run_checked(["dvc", "queue", "start", "-j", "2"], repo, env)
-    try:  # Poll with git, which is cheap: a finished experiment is a ref. Ask DVC now and then for failures.
+    start_queue_workers(repo, env, 2)
+    try:  # Poll with git, which is cheap: a finished experiment is a ref. Ask DVC now and then.
         for tick in itertools.count():
             refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout
             finished = {name for name in experiments if re.search(rf"/{re.escape(name)}$", refs, re.M)}
+            stuck = None
             if finished == set(experiments) or tick % 10 == 9:
                 status = queue_status(repo, env)
                 if status and all(s in ("Success", "Failed") for s in status.values()):
                     break
-            assert time.monotonic() - started < QUEUE_TIMEOUT_S, f"queue not done after {QUEUE_TIMEOUT_S} s"
+                workers = [cmd for cmd in repo_processes(repo).values() if "queue-worker" in cmd]
+                if "Queued" in status.values() and not workers and time.monotonic() - started > 60:
+                    stuck = f"every worker has stopped with an experiment still queued: {status}"
+            if time.monotonic() - started > QUEUE_TIMEOUT_S:
+                stuck = f"queue not done after {QUEUE_TIMEOUT_S} s: {queue_status(repo, env)}"
+            if stuck:
+                raise AssertionError(f"{stuck}\n{queue_diagnostics(repo, env, experiments)}")
             time.sleep(1)
     finally:
         run_checked(["dvc", "queue", "stop", "--kill"], repo, env)
