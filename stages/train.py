@@ -254,16 +254,20 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
         def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
             run.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch)
 
+        this_run = run.run_id or run.started_run_id
+        checkpoint_extra: dict[str, Any] = {"mlflow_run_id": this_run, "mlflow_runs": [this_run]}
+
         def on_start(position: Position, extra: dict[str, Any]) -> None:
             if position.epoch or position.step:  # say which run this one continues
                 earlier = extra.get("mlflow_run_id") or "unknown"
+                # every run of the chain, oldest first (checkpoints before this key: the last one only)
+                checkpoint_extra["mlflow_runs"] = [*extra.get("mlflow_runs", [earlier]), this_run]
                 run.set_tags({"resumed_from": str(position), "resumed_from_epoch": str(position.epoch),
                               "continues_run": earlier,
                               "mlflow.note.content": f"Continues run {earlier} from {out.checkpoint} after {position}."})
 
         try:
-            result = fit(on_start=on_start, on_epoch_end=on_epoch_end,
-                         checkpoint_extra={"mlflow_run_id": run.run_id or run.started_run_id})
+            result = fit(on_start=on_start, on_epoch_end=on_epoch_end, checkpoint_extra=checkpoint_extra)
         except TrainingInterrupted as stopped:
             run.set_tags({"stopped_after": str(stopped.position)})
             run.end("KILLED")
@@ -277,7 +281,7 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
             "train_loss": final["train_loss"],
             **{key: round(value, 4) for key, value in final.items() if key.startswith("val_psnr_x")},
             "epochs": len(history),
-            "wall_time_s": round(sum(row["time_s"] for row in history), 1),  # all epochs, resumed ones too
+            "wall_time_s": round(final["elapsed_s"], 1),  # all runs, resumed ones too
             "patches_per_s": round(statistics.median(row["patches_per_s"] for row in history), 1),
         }
         meta = {
@@ -290,6 +294,9 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
             "git_dirty": tags.get("git.dirty"),
             "params": dict(section),
             "metrics": metrics,
+            "history": history,  # per epoch: losses, validation PSNR, elapsed_s (vdsr.release draws it)
+            "mlflow_runs": checkpoint_extra["mlflow_runs"],  # the resumed runs of this training, oldest first
+            "warm_start": result.checkpoint_extra.get("warm_start"),  # set by `python -m vdsr.release warm-start`
         }
         save_model(out.model, result.model, model_config, meta)
         write_json_atomic(out.train_metrics, metrics)

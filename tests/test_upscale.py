@@ -205,7 +205,7 @@ def test_no_model_and_no_released_weights(tmp_path: Path, capsys: pytest.Capture
     write_image(source, "rgb")
     assert main(["upscale", str(source), "--scale", "2"]) != 0
     err = capsys.readouterr().err
-    assert "no released weights yet" in err and "--model" in err
+    assert "no released weights" in err and "--model" in err
 
 
 def test_model_file_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

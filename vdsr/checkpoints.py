@@ -40,6 +40,7 @@ class Position:
     epoch: int = 0
     step: int = 0
     loss_sum: float = 0.0  # the partial epoch's summed step losses
+    elapsed_s: float = 0.0  # seconds spent training and validating up to here, resumed runs summed
 
     def __str__(self) -> str:
         return f"epoch {self.epoch}" + (f" and {self.step} steps of epoch {self.epoch + 1}" if self.step else "")
@@ -91,6 +92,7 @@ def save_checkpoint(
         "epoch": position.epoch,
         "step": position.step,
         "loss_sum": position.loss_sum,
+        "elapsed_s": position.elapsed_s,
         "history": history,
         "extra": extra or {},
         "model": unwrapped_state_dict(model),
@@ -120,7 +122,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def position_of(payload: dict[str, Any]) -> Position:
-    return Position(int(payload["epoch"]), int(payload["step"]), float(payload["loss_sum"]))
+    """The checkpoint's position; a checkpoint written before ``elapsed_s`` was kept counts the
+    epoch times of its history (a lower bound: the partial epoch is not in it)."""
+    elapsed = payload.get("elapsed_s")
+    if elapsed is None:
+        elapsed = sum(float(row.get("time_s", 0.0)) for row in payload["history"])
+    return Position(int(payload["epoch"]), int(payload["step"]), float(payload["loss_sum"]), float(elapsed))
 
 
 def checkpoint_mismatch(

@@ -22,7 +22,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--images", required=True, type=Path, help="folder of HR images; its name is the dataset key")
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4])
-    parser.add_argument("--model", default="bicubic", help="'bicubic' or the path of a trained model file")
+    parser.add_argument("--model", help="a trained model file, or 'bicubic' (default: the released weights, "
+                        "pretrained/vdsr.pt)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
     parser.add_argument("--json", type=Path, help="write {dataset: {x2: {psnr, ssim}}} here")
     parser.set_defaults(run=_run_evaluate)
@@ -32,9 +33,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.model == "bicubic":
         upscaler = evaluate.bicubic_upscaler
     else:
-        from vdsr.upscale import load_upscaler  # torch is imported only when a model is used
+        from vdsr.upscale import load_upscaler, model_or_released  # torch is imported only when a model is used
 
-        upscaler = load_upscaler(Path(args.model), args.device)
+        upscaler = load_upscaler(model_or_released(args.model and Path(args.model)), args.device)
     dataset = args.images.resolve().name
     table = {dataset: evaluate.summary(evaluate.evaluate_folder(args.images, args.scales, upscaler))}
     print(evaluate.format_table(table))

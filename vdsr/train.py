@@ -418,7 +418,11 @@ def _start(
     set_rng_states(payload["rng"])
     position = position_of(payload)
     log.info("resuming from %s after %s", checkpoint_path, position)
-    return model, optimizer, list(payload["history"]), position, dict(payload["extra"])
+    history, elapsed = [dict(row) for row in payload["history"]], 0.0
+    for row in history:  # rows written before elapsed_s was kept: their epoch times summed
+        elapsed += float(row.get("time_s", 0.0))
+        row.setdefault("elapsed_s", elapsed)
+    return model, optimizer, history, position, dict(payload["extra"])
 
 
 def train(
@@ -446,11 +450,11 @@ def train(
     lr (H, W) float32, hr (H, W) uint8)]}, scored after every epoch. ``runtime``: precision, layout,
     compilation and device (default: fp32, NCHW, eager on ``device``). ``checkpoint_path``: written
     after every epoch, every ``checkpoint_every_s`` seconds of training and on a stop, with
-    ``checkpoint_extra`` (the caller's plain data); resumed from when compatible. ``data_id``
+    ``checkpoint_extra`` (the caller's plain data, over what the checkpoint held); resumed from when compatible. ``data_id``
     identifies the data (e.g. its sha256) for that check. ``on_start(position, extra)`` is called
     once the checkpoint is read (``extra``: what an earlier run stored). ``on_epoch_end(epoch, row)``
     is called after the checkpoint with the epoch's history row: epoch, train_loss, lr,
-    val_psnr_x<s>..., patches_per_s, time_s. ``stop()`` is polled between steps: when it returns
+    val_psnr_x<s>..., patches_per_s, time_s (the epoch's) and elapsed_s (all runs' so far). ``stop()`` is polled between steps: when it returns
     True the run writes a checkpoint and raises :class:`TrainingInterrupted`. Raises
     ``FloatingPointError`` naming epoch and step on a non-finite loss.
 
@@ -497,9 +501,12 @@ def train(
             if rank == 0 and checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, model_config=model_config,
                                 config=config, data_id=data_id, position=position, history=history,
-                                extra=checkpoint_extra)
+                                extra={**extra, **(checkpoint_extra or {})})
 
         run_start, run_steps, last_checkpoint, estimated = time.perf_counter(), 0, time.monotonic(), False
+
+        def elapsed() -> float:  # training and validation time of all runs so far, this one included
+            return at.elapsed_s + time.perf_counter() - run_start
         model.train()
         with progress_bar(config.epochs * steps, at.epoch * steps + at.step, progress and rank == 0) as bar:
             for epoch in range(at.epoch + 1, config.epochs + 1):
@@ -554,7 +561,8 @@ def train(
                         due = checkpoint_every_s is not None and time.monotonic() - last_checkpoint >= checkpoint_every_s
                         halt, due = _agree([stop is not None and stop(), due], world_size, device)
                         if halt or due:
-                            position = Position(epoch - 1, step + 1, _global_sum(loss_sum, world_size))
+                            position = Position(epoch - 1, step + 1, _global_sum(loss_sum, world_size),
+                                                elapsed_s=elapsed())
                             write_checkpoint(position)
                             last_checkpoint = time.monotonic()
                             if halt:
@@ -568,16 +576,17 @@ def train(
                 val = validate(model, validation, device)
                 row = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
                 row.update({f"val_psnr_x{scale}": value for scale, value in val.items()})
-                row.update(patches_per_s=(steps - first) * batch_size / train_time, time_s=time.perf_counter() - start)
+                row.update(patches_per_s=(steps - first) * batch_size / train_time, time_s=time.perf_counter() - start,
+                           elapsed_s=elapsed())
                 history.append(row)
                 log.info("epoch %d: loss %.5f, lr %.3g, val psnr %s, %.0f patches/s", epoch, train_loss, lr,
                          " ".join(f"x{s} {v:.2f}" for s, v in val.items()) or "-", row["patches_per_s"])
-                write_checkpoint(Position(epoch))
+                write_checkpoint(Position(epoch, elapsed_s=row["elapsed_s"]))
                 last_checkpoint = time.monotonic()
                 if rank == 0 and on_epoch_end is not None:
                     on_epoch_end(epoch, dict(row))
                 if epoch < config.epochs and _agree([stop is not None and stop()], world_size, device)[0]:
-                    raise TrainingInterrupted(Position(epoch), checkpoint_path)
+                    raise TrainingInterrupted(Position(epoch, elapsed_s=row["elapsed_s"]), checkpoint_path)
 
     model.eval()
     return TrainResult(model=model, history=history, resumed_from=at.epoch, resumed_at=at, checkpoint_extra=extra)

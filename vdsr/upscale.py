@@ -54,6 +54,19 @@ SCALES = (2, 3, 4)
 # --- devices and the network --------------------------------------------------------------------
 
 
+def model_or_released(model: Path | None) -> Path:
+    """``model``, or when it is None the released weights (:data:`PRETRAINED_MODEL`, logged by name)."""
+    if model is not None:
+        return model
+    if not PRETRAINED_MODEL.is_file():
+        raise FileNotFoundError(
+            f"no released weights ({PRETRAINED_MODEL} does not exist): pass --model PATH, "
+            "e.g. models/vdsr.pt after `dvc repro`"
+        )
+    log.info("model: the released weights %s (card: %s)", PRETRAINED_MODEL, PRETRAINED_MODEL.with_name("MODEL_CARD.md"))
+    return PRETRAINED_MODEL
+
+
 def receptive_radius(model: torch.nn.Module) -> int:
     """Pixels each side that one output pixel depends on: the sum of the conv layers' half-widths.
 
@@ -382,12 +395,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Upscale each image; a bad image is reported and skipped; exit status 2 if any failed."""
-    model_path = args.model or PRETRAINED_MODEL
-    if args.model is None and not PRETRAINED_MODEL.is_file():
-        raise FileNotFoundError(
-            f"no released weights yet ({PRETRAINED_MODEL} does not exist): pass --model PATH, "
-            "e.g. models/model.pt after `dvc repro train`"
-        )
+    model_path = model_or_released(args.model)
     if args.tile < 0:
         raise ValueError(f"--tile must be >= 0 (0: whole image), got {args.tile}")
     targets = [output_path(image, args.scale, args.output, len(args.images)) for image in args.images]

@@ -1,0 +1,145 @@
+"""The released weights (``pretrained/``): they load with ``weights_only``, ``vdsr evaluate`` uses
+them by default and reproduces their model card on Set5; and the release tool itself on a tiny
+model: publish only when better, the card, the warm start that continues a release."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from vdsr import release
+from vdsr.checkpoints import load_checkpoint
+from vdsr.cli import main
+from vdsr.evaluate import evaluate_folder, summary
+from vdsr.models import ModelConfig, load_model
+from vdsr.train import TrainConfig, train
+from vdsr.upscale import model_upscaler
+
+from test_train import data, small  # noqa: F401  (fixtures: Set5 patches)
+
+SHIPPED = REPO_ROOT / "pretrained"
+TINY = ModelConfig("vdsr", depth=3, width=8)
+QUICK = TrainConfig(optimizer="adam", lr=1e-3, lr_schedule="cosine", min_lr=1e-5, warmup_steps=2, loss="l1",
+                    clip="norm", clip_theta=1.0, epochs=3, batch_size=8, steps_per_epoch=4, seed=3)
+
+
+def test_released_weights_reproduce_their_card_on_set5(set5_dir: Path, tmp_path: Path) -> None:
+    """The acceptance of the release: re-evaluated here, on the CPU, to 0.01 dB of the card."""
+    payload = torch.load(SHIPPED / release.MODEL_FILE, map_location="cpu", weights_only=True)
+    assert payload["config"] == {"name": "vdsr", "depth": 20, "width": 64}
+    assert (SHIPPED / release.MODEL_FILE).stat().st_size < 5_000_000
+    shipped = json.loads((SHIPPED / release.EVAL_FILE).read_text())["model"]["Set5"]
+    out = tmp_path / "set5.json"
+    assert main(["evaluate", "--images", str(set5_dir), "--device", "cpu", "--json", str(out)]) == 0  # no --model
+    measured = json.loads(out.read_text())["Set5"]
+    card = (SHIPPED / release.CARD_FILE).read_text()
+    for scale in ("x2", "x3", "x4"):
+        assert measured[scale]["psnr"] == pytest.approx(shipped[scale]["psnr"], abs=0.01), scale
+        assert measured[scale]["ssim"] == pytest.approx(shipped[scale]["ssim"], abs=1e-4), scale
+        row = re.search(rf"\| Set5 \| {scale} \|.*\*\*([\d.]+) / ([\d.]+)\*\*", card)
+        assert row and float(row[1]) == pytest.approx(measured[scale]["psnr"], abs=0.01), (scale, row)
+    # the targets the card claims agree with its own table
+    table, reached = release.model_card.results_rows(json.loads((SHIPPED / release.EVAL_FILE).read_text()))
+    assert table in card and f"every scale: **{'reached' if reached['must'] else 'not reached'}**" in card
+
+
+def test_cli_names_the_released_weights(set5_dir: Path, caplog) -> None:
+    caplog.set_level("INFO")
+    assert main(["evaluate", "--images", str(set5_dir), "--scales", "2", "--device", "cpu"]) == 0
+    assert f"the released weights {SHIPPED / release.MODEL_FILE}" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tiny_training(small, tmp_path_factory):  # noqa: F811
+    """A tiny cosine run interrupted after 2 of 3 epochs: its checkpoint, and the uninterrupted run."""
+    lr, hr, validation = small
+    folder = tmp_path_factory.mktemp("tiny")
+    whole = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False,
+                  checkpoint_path=folder / "whole.pt", data_id="d")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(epoch: int, row: dict) -> None:
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False, checkpoint_path=folder / "cut.pt",
+              data_id="d", checkpoint_extra={"mlflow_run_id": "run-1", "mlflow_runs": ["run-1"]},
+              on_epoch_end=stop_after_2)
+    return folder, whole
+
+
+def workspace_with(set5_dir: Path, root: Path) -> Path:
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "Set5").symlink_to(set5_dir)
+    return root
+
+
+def test_publish_writes_a_loadable_release_only_when_better(tiny_training, set5_dir: Path, tmp_path: Path) -> None:
+    folder, _ = tiny_training
+    workspace, out = workspace_with(set5_dir, tmp_path / "ws"), tmp_path / "pretrained"
+    assert release.publish(folder / "cut.pt", workspace, out, ["Set5"])
+    model, config, meta = load_model(out / release.MODEL_FILE)  # weights_only
+    assert config == TINY and meta["training"]["epoch"] == 2 and meta["mlflow_run_id"] == "run-1"
+    scores = json.loads((out / release.EVAL_FILE).read_text())
+    expected = summary(evaluate_folder(set5_dir, [2, 3, 4], model_upscaler(model, torch.device("cpu"))))
+    assert scores["model"]["Set5"] == expected
+    assert scores["bicubic"]["Set5"]["x2"]["psnr"] == pytest.approx(33.66, abs=0.01)
+    card = (out / release.CARD_FILE).read_text()
+    assert "in progress: 8 of 12 steps" in card and "| Set5 | x4 |" in card and "Trained from scratch" in card
+    assert "SRCNN on Set5, Set14 and B100 at every scale: **not reached**" in card  # B100 is missing
+    assert "(Set14, B100, Urban100 not evaluated for this release)" in card
+    assert (out / release.CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = (out / release.MODEL_FILE).read_bytes()
+    assert not release.publish(folder / "cut.pt", workspace, out, ["Set5"])  # equal is not better
+    assert (out / release.MODEL_FILE).read_bytes() == before
+    assert release.publish(folder / "whole.pt", workspace, out, ["Set5"], force=True)
+    assert load_model(out / release.MODEL_FILE)[2]["training"]["epoch"] == 3
+
+
+def test_warm_start_continues_the_release_where_it_stopped(tiny_training, small, tmp_path: Path, set5_dir) -> None:  # noqa: F811
+    folder, whole = tiny_training
+    out = tmp_path / "pretrained"
+    release.publish(folder / "cut.pt", workspace_with(set5_dir, tmp_path / "ws"), out, ["Set5"])
+    checkpoint = tmp_path / "checkpoints" / "vdsr" / "last.pt"
+    position = release.warm_start(out / release.MODEL_FILE, checkpoint)
+    assert (position.epoch, position.step) == (2, 0) and position.elapsed_s > 0
+    payload = load_checkpoint(checkpoint)
+    assert payload["extra"]["warm_start"]["at"] == "epoch 2" and payload["optimizer"]["state"] == {}
+    with pytest.raises(FileExistsError, match="checkpoint exists"):
+        release.warm_start(out / release.MODEL_FILE, checkpoint)
+
+    lr, hr, validation = small
+    resumed = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False, checkpoint_path=checkpoint,
+                    data_id="d")
+    assert resumed.resumed_from == 2 and [row["epoch"] for row in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == load_checkpoint(folder / "cut.pt")["history"]  # the released epochs, as they were
+    assert resumed.history[2]["elapsed_s"] > resumed.history[1]["elapsed_s"] >= resumed.history[0]["elapsed_s"]
+    assert resumed.checkpoint_extra["warm_start"]["from"] == release.MODEL_FILE  # kept for the model card
+    assert load_checkpoint(checkpoint)["extra"]["warm_starts"][0]["at"] == "epoch 2"
+    finished = tmp_path / "finished"
+    release.publish(checkpoint, workspace_with(set5_dir, tmp_path / "ws2"), finished, ["Set5"])
+    assert "Warm starts" in (finished / release.CARD_FILE).read_text()
+    with pytest.raises(ValueError, match="finished training"):
+        release.warm_start(finished / release.MODEL_FILE, tmp_path / "other.pt")
+
+
+def test_warm_start_refuses_other_data(tiny_training, set5_dir: Path, tmp_path: Path) -> None:
+    folder, _ = tiny_training
+    out = tmp_path / "pretrained"
+    release.publish(folder / "cut.pt", workspace_with(set5_dir, tmp_path / "ws"), out, ["Set5"])
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "train.h5").write_bytes(b"other")
+    (prepared / "val.h5").write_bytes(b"data")
+    with pytest.raises(ValueError, match="was trained on d; a warm start needs the same prepared data"):
+        release.warm_start(out / release.MODEL_FILE, tmp_path / "last.pt", prepared)
+    assert not (tmp_path / "last.pt").exists()

@@ -1,0 +1,256 @@
+"""The model card of a release (``pretrained/MODEL_CARD.md``), its validation curve and provenance.
+
+The card's table compares with the paper's Table 3 (:data:`vdsr.paper.TABLE3`, 291 training
+images) and states which targets of the CPU release are reached: above the paper's SRCNN on
+Set5, Set14 and B100 at every scale (must), the paper's 91-image VDSR on Set5 (goal, Figure/Table
+of the paper: 37.06 / 33.27 / 30.95), the paper's VDSR on Set5 (moonshot).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from vdsr import paper
+from vdsr.io import write_text_atomic
+
+if TYPE_CHECKING:
+    from vdsr.release import Trained
+
+VDSR_91 = {"x2": 37.06, "x3": 33.27, "x4": 30.95}  # the paper's VDSR trained on 91 images, Set5
+MUST_SETS = ("Set5", "Set14", "B100")
+RECIPE_NOTES = Path(__file__).resolve().parents[1] / "presets"  # <preset>.md: how the recipe was chosen
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _store_runs(workspace: Path, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """What the workspace's MLflow store (``mlflow.db``) knows of ``run_ids``."""
+    store = workspace / "mlflow.db"
+    if not store.is_file() or not run_ids:
+        return {}
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client, found = MlflowClient(f"sqlite:///{store.as_posix()}"), {}
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            continue
+        tags = run.data.tags
+        found[run_id] = {
+            "start": run.info.start_time, "end": run.info.end_time, "status": run.info.status,
+            "name": run.info.run_name, **{key: tags[key] for key in (
+                "git.commit", "dvc.exp_name", "runtime.device", "runtime.precision", "runtime.channels_last",
+                "torch.version", "platform", "resumed_from", "stopped_after") if key in tags},
+        }
+    return found
+
+
+def provenance(workspace: Path, trained: Trained, preset: str | None, shipped: Path) -> dict[str, Any]:
+    """Where the weights come from: preset, data hashes (dvc.lock), each MLflow run of the training
+    (times, commit, device; from the workspace's store, or from the shipped release for runs made on
+    another machine: ``shipped``, the release file being replaced), and the machine that published them."""
+    from vdsr.tracking import data_hashes
+
+    ids = list(trained.extra.get("mlflow_runs", []))
+    here, earlier = _store_runs(workspace, ids), {}
+    if shipped.is_file():  # runs of earlier sessions, on machines whose store is gone
+        from vdsr.models import load_model
+
+        earlier = load_model(shipped)[2].get("provenance", {}).get("runs", {})
+    runs = {run_id: here.get(run_id) or earlier.get(run_id) or {} for run_id in ids}
+    return {
+        "preset": preset,
+        "data": data_hashes(workspace),
+        "data_id": trained.data_id,
+        "runs": runs,
+        "published": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores",
+        "prepare": _prepare_params(workspace),
+    }
+
+
+def _prepare_params(workspace: Path) -> dict[str, Any]:
+    """The workspace's ``prepare`` params (training sets, scales): what the patches were cut from."""
+    try:
+        return dict(yaml.safe_load((workspace / "params.yaml").read_text())["prepare"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return {}
+
+
+def write_curve(history: list[dict[str, float]], path: Path) -> None:
+    """Validation PSNR (Set5, dB) of each scale against training hours, as PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
+    hours = [row.get("elapsed_s", 0.0) / 3600 for row in history]
+    for key in sorted(k for k in (history[0] if history else {}) if k.startswith("val_psnr_x")):
+        scale = key.removeprefix("val_psnr_")
+        axes.plot(hours, [row[key] for row in history], marker="o", label=f"{scale} (ours)")
+        srcnn = paper.TABLE3["Set5"][scale]["srcnn"][0]
+        axes.axhline(srcnn, linestyle=":", linewidth=1, color=axes.lines[-1].get_color())
+    axes.set_xlabel("training time (hours, this CPU)")
+    axes.set_ylabel("Set5 validation PSNR (dB)")
+    axes.set_title("Validation PSNR after each epoch; dotted: the paper's SRCNN")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def results_rows(scores: dict[str, Any]) -> tuple[str, dict[str, bool]]:
+    """The Markdown table (ours beside bicubic and the paper) and which targets are reached."""
+    lines = ["| set | scale | bicubic (ours) | SRCNN (paper) | VDSR (paper) | **this model** | vs SRCNN | vs VDSR |",
+             "|---|---|---|---|---|---|---|---|"]
+    must, goal, moonshot = True, True, True
+    for dataset, by_scale in scores["model"].items():
+        for scale, ours in by_scale.items():
+            ref = paper.TABLE3[dataset][scale]
+            bicubic = scores["bicubic"][dataset][scale]
+            vs_srcnn, vs_vdsr = ours["psnr"] - ref["srcnn"][0], ours["psnr"] - ref["vdsr"][0]
+            lines.append(f"| {dataset} | {scale} | {bicubic['psnr']:.2f} / {bicubic['ssim']:.4f} | "
+                         f"{ref['srcnn'][0]:.2f} / {ref['srcnn'][1]:.4f} | {ref['vdsr'][0]:.2f} / {ref['vdsr'][1]:.4f} | "
+                         f"**{ours['psnr']:.2f} / {ours['ssim']:.4f}** | {vs_srcnn:+.2f} | {vs_vdsr:+.2f} |")
+            if dataset in MUST_SETS:
+                must &= vs_srcnn > 0
+            if dataset == "Set5":
+                goal &= ours["psnr"] >= VDSR_91[scale]
+                moonshot &= vs_vdsr >= 0
+    missing = [s for s in MUST_SETS if s not in scores["model"]]
+    return "\n".join(lines), {"must": must and not missing, "goal": goal and "Set5" in scores["model"],
+                              "moonshot": moonshot and "Set5" in scores["model"]}
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h"
+
+
+def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[str, Any], model_path: Path,
+               digest: str) -> None:
+    """Write ``MODEL_CARD.md`` (atomically)."""
+    table, reached = results_rows(scores)
+    config, tc = trained.config, trained.train_config
+    done, total = trained.steps_done, trained.total_steps
+    finished = done >= total
+    patches = done * int(tc["batch_size"])
+    status = "finished" if finished else f"in progress: {done:,} of {total:,} steps ({100 * done / total:.0f}%)"
+    last = trained.history[-1] if trained.history else {}
+    runs = prov["runs"]
+    run_lines = [
+        f"| `{run_id}` | {info.get('name', '?')} | {_when(info.get('start'))} | {_when(info.get('end'))} | "
+        f"{info.get('status', '?')} | {info.get('git.commit', '?')[:10]} | {info.get('runtime.device', '?')}, "
+        f"{info.get('runtime.precision', '?')}{', channels_last' if info.get('runtime.channels_last') == 'true' else ''} |"
+        for run_id, info in runs.items()
+    ]
+    warm = trained.extra.get("warm_starts") or []
+    recipe_notes = RECIPE_NOTES / f"{prov['preset']}.md" if prov.get("preset") else None
+    size_mb = model_path.stat().st_size / 1e6
+    prepare = prov.get("prepare") or {}
+    trained_on = (f"{' + '.join(prepare.get('train_sets', ['?']))}, {prepare.get('patch_size', '?')}x"
+                  f"{prepare.get('patch_size', '?')} patches at {'/'.join(f'x{s}' for s in prepare.get('scales', []))}")
+    text = f"""# VDSR {config.depth}x{config.width}, trained on a CPU (`{prov.get('preset') or 'custom recipe'}`)
+
+The released weights of this project: `vdsr upscale` and `vdsr evaluate` use them when `--model`
+is omitted. Status: **{status}**. This card is written by `python -m vdsr.release publish`
+({prov['published']}); do not edit it by hand.
+
+| | |
+|---|---|
+| file | `pretrained/{model_path.name}` ({size_mb:.1f} MB, sha256 `{digest}`), `torch.load(weights_only=True)` |
+| model | VDSR: {config.depth} conv layers 3x3x{config.width} + ReLU, residual (input + output), one model for x2, x3, x4 |
+| input / output | Y of BT.601 (MATLAB `rgb2ycbcr`) / 255, bicubic-upscaled (MATLAB `imresize`); Cb/Cr bicubic |
+| trained on | {trained_on} (params.yaml `prepare`), {patches:,} patches seen |
+| training time | {_hours(trained.position.elapsed_s)} of training and validation (runs summed, up to the last checkpoint) |
+| machine | {prov['machine']} |
+| data | train.h5 + val.h5 sha256 `{prov['data_id']}` |
+
+## Results
+
+PSNR (dB) / SSIM on Y, `scale` pixels shaved, evaluated in fp32 with this project's code (the
+bicubic column reproduces the paper's to 0.01 dB where the image sets are the same). The paper's
+columns are its Table 3 (291 training images, 80 epochs on a GPU).
+
+{table}
+
+Targets of the CPU release{_missing(scores)}:
+
+- must, above the paper's SRCNN on Set5, Set14 and B100 at every scale: **{_yes(reached['must'])}**
+- goal, the paper's 91-image VDSR on Set5 (37.06 / 33.27 / 30.95): **{_yes(reached['goal'])}**
+- moonshot, the paper's VDSR on Set5 (37.53 / 33.66 / 31.35): **{_yes(reached['moonshot'])}**
+
+![validation PSNR against training time](val_psnr.png)
+
+Validation (Set5, after each epoch) at the last epoch, {int(last.get('epoch', 0))}:
+{', '.join(f"{k.removeprefix('val_psnr_')} {v:.2f} dB" for k, v in last.items() if k.startswith('val_psnr_x')) or '-'}.
+
+## How it was trained
+
+`make release-cpu` (`presets/{prov.get('preset')}.yaml` applied to `params.yaml` with `dvc exp run -S`),
+in resumed runs: each stop writes a checkpoint, the next run continues it exactly.
+{_warm_text(warm)}
+
+Recipe (`train.vdsr` as trained):
+
+```yaml
+{yaml.safe_dump(tc, sort_keys=False).strip()}
+```
+
+MLflow runs of this training (oldest first; the store `mlflow.db` of the training workspace):
+
+| run | name | start (UTC) | end (UTC) | status | commit | device, precision |
+|---|---|---|---|---|---|---|
+{chr(10).join(run_lines) or '| - | | | | | | |'}
+
+Data (md5 of DVC's `dvc.lock` in the training workspace):
+
+{chr(10).join(f"- `{key.removeprefix('dvc.md5.')}`: `{value}`" for key, value in sorted(prov['data'].items())) or '- (no dvc.lock)'}
+
+{recipe_notes.read_text().strip() if recipe_notes and recipe_notes.is_file() else ''}
+"""
+    write_text_atomic(path, text)
+
+
+def _missing(scores: dict[str, Any]) -> str:
+    from vdsr.release import SETS
+
+    missing = [name for name in SETS if name not in scores["model"]]
+    return f" ({', '.join(missing)} not evaluated for this release)" if missing else ""
+
+
+def _yes(flag: bool) -> str:
+    return "reached" if flag else "not reached"
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _warm_text(warm: list[dict[str, Any]]) -> str:
+    if not warm:
+        return "Trained from scratch, without a warm start."
+    return "Warm starts (a new machine without the checkpoint; `python -m vdsr.release warm-start`): " + "; ".join(
+        f"from `{w['from']}` (sha256 {w['sha256'][:12]}) at {w['at']}, optimizer state {w['optimizer']}" for w in warm
+    ) + "."
