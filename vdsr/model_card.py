@@ -111,7 +111,8 @@ def write_curve(history: list[dict[str, float]], path: Path) -> None:
     axes.set_ylabel("Set5 validation PSNR (dB)")
     axes.set_title("Validation PSNR after each epoch; dotted: the paper's SRCNN")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if axes.lines:
+        axes.legend()
     figure.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     figure.savefig(tmp)
