@@ -159,8 +159,8 @@ def start_queue_workers(repo: Path, env: dict[str, str], count: int) -> None:
     """
     log = repo / ".dvc" / "tmp" / "queue-start.log"
     with log.open("ab") as out:
-        done = subprocess.run(["dvc", "queue", "start", "-j", str(count)], check=False, cwd=repo, env=with_faulthandler(env),
-                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=120)
+        done = subprocess.run(["dvc", "queue", "start", "-j", str(count)], timeout=120, check=False, cwd=repo,
+                              env=with_faulthandler(env), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     assert done.returncode == 0, f"dvc queue start exited {done.returncode}: {log.read_text()}"
 
 

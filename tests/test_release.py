@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from vdsr import release
+from vdsr import model_card, release
 from vdsr.checkpoints import load_checkpoint
 from vdsr.cli import main
 from vdsr.evaluate import evaluate_folder, summary
@@ -44,7 +44,7 @@ def test_released_weights_reproduce_their_card_on_set5(set5_dir: Path, tmp_path:
         row = re.search(rf"\| Set5 \| {scale} \|.*\*\*([\d.]+) / ([\d.]+)\*\*", card)
         assert row and float(row[1]) == pytest.approx(measured[scale]["psnr"], abs=0.01), (scale, row)
     # the targets the card claims agree with its own table
-    table, reached = release.model_card.results_rows(json.loads((SHIPPED / release.EVAL_FILE).read_text()))
+    table, reached = model_card.results_rows(json.loads((SHIPPED / release.EVAL_FILE).read_text()))
     assert table in card and f"every scale: **{'reached' if reached['must'] else 'not reached'}**" in card
 
 

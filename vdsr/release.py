@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import sys
 import time
@@ -31,8 +30,8 @@ from typing import Any
 import torch
 
 from vdsr import evaluate
-from vdsr.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Position, position_of, rng_states, save_atomic
-from vdsr.io import error_message, write_json_atomic
+from vdsr.checkpoints import CHECKPOINT_FORMAT, Position, position_of, save_checkpoint
+from vdsr.io import error_message, sha256_file, write_json_atomic
 from vdsr.models import ModelConfig, build_model, load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -130,10 +129,6 @@ def set5_mean(table: dict[str, Any]) -> float | None:
     return sum(scores[f"x{s}"]["psnr"] for s in SCALES) / len(SCALES)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, force: bool = False,
             preset: str | None = "release-cpu") -> bool:
     """Evaluate ``source`` and, if it beats ``out_dir``'s release on Set5 (or ``force``), write the
@@ -164,7 +159,7 @@ def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, fo
                 "git_commit": last_run[1].get("git.commit")})  # the last two as stages/train.py writes them
     write_json_atomic(out_dir / EVAL_FILE, scores)
     model_card.write_curve(trained.history, out_dir / CURVE_FILE)
-    model_card.write_card(out_dir / CARD_FILE, trained, scores, provenance, model_path, sha256(model_path))
+    model_card.write_card(out_dir / CARD_FILE, trained, scores, provenance, model_path, sha256_file(model_path))
     log.info("release: wrote %s, %s, %s and %s (Set5 mean %.3f dB, shipped before: %s)", model_path,
              out_dir / EVAL_FILE, out_dir / CURVE_FILE, out_dir / CARD_FILE, new if new is not None else float("nan"),
              f"{old:.3f} dB" if old is not None else "none")
@@ -186,27 +181,21 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
     if trained.steps_done >= trained.total_steps:
         raise ValueError(f"{model_path}: a finished training ({trained.steps_done} of {trained.total_steps} steps)")
     if prepared is not None:
-        here = f"{sha256(prepared / 'train.h5')}+{sha256(prepared / 'val.h5')}"
+        here = f"{sha256_file(prepared / 'train.h5')}+{sha256_file(prepared / 'val.h5')}"
         if here != trained.data_id:
             raise ValueError(f"{prepared}: train.h5+val.h5 are {here}, but {model_path} was trained on "
                              f"{trained.data_id}; a warm start needs the same prepared data")
     config = TrainConfig(**{f.name: trained.train_config[f.name] for f in dataclasses.fields(TrainConfig)
                             if f.name in trained.train_config})
-    optimizer = make_optimizer(trained.model, config, torch.device("cpu"))
     extra = dict(trained.extra)
-    extra["warm_start"] = {"from": str(model_path.name), "sha256": sha256(model_path),
+    extra["warm_start"] = {"from": str(model_path.name), "sha256": sha256_file(model_path),
                            "at": str(trained.position), "optimizer": "fresh"}
     extra["warm_starts"] = [*trained.extra.get("warm_starts", []), extra["warm_start"]]
-    payload = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "model_config": dataclasses.asdict(trained.config), "train_config": trained.train_config,
-        "data_id": trained.data_id, "epoch": trained.position.epoch, "step": trained.position.step,
-        "loss_sum": 0.0,  # the partial epoch's mean loss counts from here
-        "elapsed_s": trained.position.elapsed_s, "history": trained.history, "extra": extra,
-        "model": trained.model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_states(),
-    }
+    position = dataclasses.replace(trained.position, loss_sum=0.0)  # the partial epoch's mean loss counts from here
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(checkpoint_path, payload)
+    save_checkpoint(checkpoint_path, model=trained.model, optimizer=make_optimizer(trained.model, config, torch.device("cpu")),
+                    model_config=trained.config, config=config, data_id=trained.data_id, position=position,
+                    history=trained.history, extra=extra)
     log.info("warm start: wrote %s from %s at %s (fresh optimizer)", checkpoint_path, model_path, trained.position)
     return trained.position
 
