@@ -143,3 +143,12 @@ def test_warm_start_refuses_other_data(tiny_training, set5_dir: Path, tmp_path: 
     with pytest.raises(ValueError, match="was trained on d; a warm start needs the same prepared data"):
         release.warm_start(out / release.MODEL_FILE, tmp_path / "last.pt", prepared)
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_publish_names_a_file_it_cannot_read(tmp_path: Path, capsys) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert release.main(["publish", "--from", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path / 'junk.pt'}: not a checkpoint or model file" in capsys.readouterr().err
+    assert release.main(["warm-start", "--model", str(tmp_path / "none.pt"), "--to", str(tmp_path / "c.pt")]) == 1
+    assert "none.pt: no such checkpoint or model file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c.pt").exists()

@@ -68,7 +68,12 @@ class Trained:
 def read_trained(path: Path) -> Trained:
     """A training checkpoint (``checkpoints/<name>/last.pt``) or a model file (``models/<name>.pt``,
     a release); ``ValueError`` naming the file if it is neither or lacks the training record."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint or model file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights_only errors alike
+        raise ValueError(f"{path}: not a checkpoint or model file ({type(error).__name__}: {error})") from None
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         config = ModelConfig(**payload["model_config"])
         model = build_model(config)
