@@ -27,13 +27,13 @@ def test_evaluate_bicubic_prints_table_and_writes_json(set5_dir: Path, tmp_path:
 
 def test_evaluate_errors_name_the_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "empty")],
+    result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "empty"), "--model", "bicubic"],
                        timeout=120)
     assert result.returncode == 2
     assert f"{tmp_path / 'empty'}: no image files" in result.stderr
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
-    result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "bad")],
+    result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "bad"), "--model", "bicubic"],
                        timeout=120)
     assert result.returncode == 2 and "x.png: not a readable image" in result.stderr
 
@@ -44,6 +44,6 @@ def test_evaluate_refuses_an_image_too_small_naming_it(tmp_path: Path) -> None:
     (tmp_path / "set").mkdir()
     Image.fromarray(np.full((18, 30, 3), 120, np.uint8)).save(tmp_path / "set" / "tiny.png")
     result = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--images", str(tmp_path / "set"),
-                        "--scales", "4"], timeout=120)
+                        "--scales", "4", "--model", "bicubic"], timeout=120)
     assert result.returncode == 2
     assert f"{tmp_path / 'set' / 'tiny.png'}: image is 30x18, too small to evaluate at x4" in result.stderr
