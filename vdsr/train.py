@@ -450,12 +450,14 @@ def train(
     lr (H, W) float32, hr (H, W) uint8)]}, scored after every epoch. ``runtime``: precision, layout,
     compilation and device (default: fp32, NCHW, eager on ``device``). ``checkpoint_path``: written
     after every epoch, every ``checkpoint_every_s`` seconds of training and on a stop, with
-    ``checkpoint_extra`` (the caller's plain data, over what the checkpoint held); resumed from when compatible. ``data_id``
-    identifies the data (e.g. its sha256) for that check. ``on_start(position, extra)`` is called
-    once the checkpoint is read (``extra``: what an earlier run stored). ``on_epoch_end(epoch, row)``
-    is called after the checkpoint with the epoch's history row: epoch, train_loss, lr,
-    val_psnr_x<s>..., patches_per_s, time_s (the epoch's) and elapsed_s (all runs' so far). ``stop()`` is polled between steps: when it returns
-    True the run writes a checkpoint and raises :class:`TrainingInterrupted`. Raises
+    ``checkpoint_extra`` (the caller's plain data, over what the checkpoint held); resumed from
+    when compatible. ``data_id`` identifies the data (e.g. its sha256) for that check.
+    ``on_start(position, extra)`` is called once the checkpoint is read (``extra``: what an
+    earlier run stored). ``on_epoch_end(epoch, row)`` is called after the checkpoint with the
+    epoch's history row: epoch, train_loss, lr, val_psnr_x<s>..., patches_per_s, time_s (the
+    epoch's) and elapsed_s (training and validation of all runs so far). ``stop()`` is polled
+    between steps: when it returns True the run writes a checkpoint and raises
+    :class:`TrainingInterrupted`. Raises
     ``FloatingPointError`` naming epoch and step on a non-finite loss.
 
     Under a process group (:func:`vdsr.distributed.process_group`) each process trains on its slice
