@@ -105,7 +105,7 @@ def _from_stage_meta(meta: dict[str, Any]) -> dict[str, Any] | None:
 def training_record(trained: Trained) -> dict[str, Any]:
     """Plain data for the model file's meta: what :func:`read_trained` and the warm start need."""
     return {"epoch": trained.position.epoch, "step": trained.position.step,
-            "elapsed_s": round(trained.position.elapsed_s, 1), "train_config": trained.train_config,
+            "elapsed_s": trained.position.elapsed_s, "train_config": trained.train_config,
             "history": trained.history, "data_id": trained.data_id, "extra": trained.extra}
 
 
