@@ -121,12 +121,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def history_of(payload: dict[str, Any]) -> list[dict[str, float]]:
+    """The checkpoint's history rows; rows written before ``elapsed_s`` was kept get the running
+    sum of the epoch times (``time_s``) as theirs."""
+    history, elapsed = [dict(row) for row in payload["history"]], 0.0
+    for row in history:
+        elapsed += float(row.get("time_s", 0.0))
+        row.setdefault("elapsed_s", elapsed)
+    return history
+
+
 def position_of(payload: dict[str, Any]) -> Position:
     """The checkpoint's position; a checkpoint written before ``elapsed_s`` was kept counts the
     epoch times of its history (a lower bound: the partial epoch is not in it)."""
     elapsed = payload.get("elapsed_s")
     if elapsed is None:
-        elapsed = sum(float(row.get("time_s", 0.0)) for row in payload["history"])
+        history = history_of(payload)
+        elapsed = history[-1]["elapsed_s"] if history else 0.0
     return Position(int(payload["epoch"]), int(payload["step"]), float(payload["loss_sum"]), float(elapsed))
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from vdsr import evaluate
-from vdsr.checkpoints import CHECKPOINT_FORMAT, Position, position_of, save_checkpoint
+from vdsr.checkpoints import CHECKPOINT_FORMAT, Position, history_of, position_of, save_checkpoint
 from vdsr.io import error_message, sha256_file, write_json_atomic
 from vdsr.models import ModelConfig, build_model, load_model, save_model
 
@@ -81,7 +81,7 @@ def read_trained(path: Path) -> Trained:
         extra = dict(payload["extra"])
         extra.setdefault("mlflow_runs", [extra["mlflow_run_id"]] if extra.get("mlflow_run_id") else [])
         return Trained(model.eval(), config, dict(payload["train_config"]), position_of(payload),
-                       list(payload["history"]), payload["data_id"], extra)
+                       history_of(payload), payload["data_id"], extra)
     model, config, meta = load_model(path)
     record = meta.get("training") or _from_stage_meta(meta)
     if record is None:

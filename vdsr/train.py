@@ -66,7 +66,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vdsr.checkpoints import Position, checkpoint_to_resume, position_of, save_checkpoint, set_rng_states
+from vdsr.checkpoints import Position, checkpoint_to_resume, history_of, position_of, save_checkpoint, set_rng_states
 from vdsr.distributed import check_same_data
 from vdsr.evaluate import to_uint8
 from vdsr.metrics import psnr
@@ -418,11 +418,7 @@ def _start(
     set_rng_states(payload["rng"])
     position = position_of(payload)
     log.info("resuming from %s after %s", checkpoint_path, position)
-    history, elapsed = [dict(row) for row in payload["history"]], 0.0
-    for row in history:  # rows written before elapsed_s was kept: their epoch times summed
-        elapsed += float(row.get("time_s", 0.0))
-        row.setdefault("elapsed_s", elapsed)
-    return model, optimizer, history, position, dict(payload["extra"])
+    return model, optimizer, history_of(payload), position, dict(payload["extra"])
 
 
 def train(
