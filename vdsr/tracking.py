@@ -492,7 +492,7 @@ class Run:
             self._skip("model")
             return
 
-        def log() -> None:
+        def log_files() -> None:
             import mlflow
             import mlflow.pytorch
             import torch
@@ -517,7 +517,7 @@ class Run:
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
                 )
 
-        self._call("model", 1, log)
+        self._call("model", 1, log_files)
 
     @contextlib.contextmanager
     def _activated(self) -> Iterator[None]:
