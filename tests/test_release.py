@@ -5,6 +5,7 @@ model: publish only when better, the card, the warm start that continues a relea
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def workspace_with(set5_dir: Path, root: Path) -> Path:
     return root
 
 
-def test_publish_writes_a_loadable_release_only_when_better(tiny_training, set5_dir: Path, tmp_path: Path) -> None:
+def test_publish_writes_a_loadable_release_only_when_better(
+    tiny_training, set5_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder, _ = tiny_training
     workspace, out = workspace_with(set5_dir, tmp_path / "ws"), tmp_path / "pretrained"
     assert release.publish(folder / "cut.pt", workspace, out, ["Set5"])
@@ -98,11 +101,20 @@ def test_publish_writes_a_loadable_release_only_when_better(tiny_training, set5_
     assert "(Set14, B100, Urban100 not evaluated for this release)" in card
     assert (out / release.CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Set5 decides first: weights that do not beat the release are not evaluated on the other sets.
+    (workspace / "data" / "raw" / "Set14").symlink_to(set5_dir)  # a stand-in, quick to evaluate
     before = (out / release.MODEL_FILE).read_bytes()
-    assert not release.publish(folder / "cut.pt", workspace, out, ["Set5"])  # equal is not better
+    caplog.set_level(logging.INFO, logger="vdsr.release")
+    assert not release.publish(folder / "cut.pt", workspace, out, ["Set14", "Set5"])  # equal is not better
     assert (out / release.MODEL_FILE).read_bytes() == before
-    assert release.publish(folder / "whole.pt", workspace, out, ["Set5"], force=True)
+    evaluated = [m[1] for r in caplog.records if (m := re.match(r"release: (\S+) in [\d.]+ s:", r.getMessage()))]
+    assert evaluated == ["Set5"] and "does not beat the shipped" in caplog.text
+    caplog.clear()
+    assert release.publish(folder / "whole.pt", workspace, out, ["Set14", "Set5"], force=True)
     assert load_model(out / release.MODEL_FILE)[2]["training"]["epoch"] == 3
+    evaluated = [m[1] for r in caplog.records if (m := re.match(r"release: (\S+) in [\d.]+ s:", r.getMessage()))]
+    assert evaluated == ["Set5", "Set14"]
+    assert list(json.loads((out / release.EVAL_FILE).read_text())["model"]) == ["Set5", "Set14"]
 
 
 def test_warm_start_continues_the_release_where_it_stopped(tiny_training, small, tmp_path: Path, set5_dir) -> None:  # noqa: F811

@@ -108,6 +108,23 @@ def test_log_model_is_loadable_at_other_sizes(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_log_model_with_a_bad_example_warns_and_tracking_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller's wrong ``input_example`` (not NCHW, or N < 2) is named in a warning; the run goes on."""
+    caplog.set_level(logging.INFO, logger="vdsr.tracking")
+    run = tracking.start_run(repo_root=tmp_path, params={}, tags={})
+    for bad in (np.zeros((1, 1, 8, 8), np.float32), np.zeros((1, 8, 8), np.float32)):
+        run.log_model(torch.nn.Conv2d(1, 1, 3), bad)
+    run.log_metrics({"loss": 1.0}, step=1)
+    run.end()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "(1, 1, 8, 8)" in warnings[0] and "(1, 8, 8)" in warnings[1] and "not logged" in warnings[0]
+    client = MlflowClient(tracking.default_tracking_uri(tmp_path))
+    assert client.get_run(run.run_id).data.metrics == {"loss": 1.0}
+    assert not [a.path for a in client.list_artifacts(run.run_id) if a.path == "model"]
+
+
 def test_store_location_follows_dvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     user_repo, copy = tmp_path / "repo", tmp_path / "elsewhere"
     assert tracking.default_tracking_uri(copy) == f"sqlite:///{copy.resolve().as_posix()}/mlflow.db"
