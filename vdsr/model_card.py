@@ -203,7 +203,7 @@ Targets of the CPU release{_missing(scores)}:
 ![validation PSNR against training time](val_psnr.png)
 
 Validation (Set5, after each epoch) at the last epoch, {int(last.get('epoch', 0))}:
-{', '.join(f"{k.removeprefix('val_psnr_')} {v:.2f} dB" for k, v in last.items() if k.startswith('val_psnr_x')) or '-'}.
+{', '.join(f"{k.removeprefix('val_psnr_')} {v:.2f} dB" for k, v in last.items() if k.startswith('val_psnr_x')) or '-'}.{_after_epoch(trained.position.step)}
 
 ## How it was trained
 
@@ -237,6 +237,14 @@ def _missing(scores: dict[str, Any]) -> str:
 
     missing = [name for name in SETS if name not in scores["model"]]
     return f" ({', '.join(missing)} not evaluated for this release)" if missing else ""
+
+
+def _after_epoch(steps: int) -> str:
+    """Why the table's Set5 can differ from the last validation: the run stopped ``steps`` into the next epoch."""
+    if not steps:
+        return ""
+    return (f"\nThe released weights are the checkpoint's, {steps:,} steps after that epoch's end (where the run was"
+            "\nstopped), so their Set5 scores in the table can differ from this validation by about 0.1 dB.")
 
 
 def _yes(flag: bool) -> str:
