@@ -149,7 +149,7 @@ def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, fo
         import json
 
         old = set5_mean(json.loads((out_dir / EVAL_FILE).read_text())["model"])
-    # The deciding set first, so that weights which do not beat the release cost only its minute.
+    # The deciding set first, so that weights which do not beat the release cost only its ~20 s (on 2 cores).
     ordered = sorted(sets, key=lambda name: name != COMPARED_ON)
     scores = evaluate_sets(trained.model, raw_dir, ordered[:1], list(SCALES))
     new = set5_mean(scores["model"])
