@@ -191,7 +191,8 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
         raise FileExistsError(f"{checkpoint_path}: a checkpoint exists already; training resumes from it")
     trained = read_trained(model_path)
     if trained.steps_done >= trained.total_steps:
-        raise ValueError(f"{model_path}: a finished training ({trained.steps_done} of {trained.total_steps} steps)")
+        raise ValueError(f"{model_path}: a finished training ({trained.steps_done} of {trained.total_steps} steps), "
+                         "nothing to continue; `make release-cpu` trains the recipe again from scratch")
     if prepared is not None:
         here = f"{sha256_file(prepared / 'train.h5')}+{sha256_file(prepared / 'val.h5')}"
         if here != trained.data_id:
