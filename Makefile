@@ -20,7 +20,7 @@ DATA_MIRROR := $(or $(VDSR_DATA_MIRROR),$(wildcard $(abspath ../shared/datasets)
 DATA_MIRROR := $(if $(wildcard $(DATA_MIRROR)),$(abspath $(DATA_MIRROR)),$(DATA_MIRROR))
 SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
 
-.PHONY: smoke release-cpu release-cpu-continue release-publish test bench
+.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-publish test bench
 
 # `--temp`: the experiment runs in a copy under .dvc/tmp/exps/, so params.yaml, dvc.lock and the
 # outputs in the workspace stay as they were; its results are kept as experiment $(SMOKE_NAME).
@@ -47,6 +47,15 @@ release-cpu-continue:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
 	test -e checkpoints/vdsr/last.pt || $(PYTHON) -m vdsr.release warm-start --to checkpoints/vdsr/last.pt --data data/prepared
 	$(MAKE) release-cpu
+
+# The second CPU release: a new cosine cycle (presets/release-cpu-v2.yaml) from the shipped weights,
+# with their moving average; the checkpoint is written once from pretrained/vdsr.pt (data checked),
+# then the same command resumes it. VDSR's training only: `make release-publish` evaluates it.
+release-cpu-v2:
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
+	test -e checkpoints/vdsr/last.pt || $(PYTHON) -m vdsr.release warm-start --new-cycle release-cpu-v2 --to checkpoints/vdsr/last.pt --data data/prepared
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n release-cpu-v2 \
+		$$($(PYTHON) -m vdsr.presets release-cpu-v2) train@vdsr
 
 # Evaluate the release's last checkpoint (after the last epoch it holds the final weights) on the
 # four test sets and write it to pretrained/ with the model card if it beats the shipped one on Set5.

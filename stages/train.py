@@ -83,6 +83,7 @@ class TrainParams:
     channels_last: bool
     compile: Literal[COMPILE_MODES]  # type: ignore[valid-type]
     checkpoint_minutes: float
+    ema_decay: float = 0.0  # optional: sections written before weight averaging existed mean 0 (off)
 
     def __post_init__(self) -> None:
         require(self.depth >= 3, "train.depth", "an integer >= 3", self.depth)
@@ -97,6 +98,7 @@ class TrainParams:
         require(self.clip_theta > 0, "train.clip_theta", "a number > 0", self.clip_theta)
         require(self.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", self.steps_per_epoch)
         require(self.seed >= 0, "train.seed", "an integer >= 0", self.seed)
+        require(0 <= self.ema_decay < 1, "train.ema_decay", "a number in [0, 1) (0: off)", self.ema_decay)
         require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device",
                 "auto, cpu, cuda or cuda:N", self.device)
 
@@ -258,6 +260,10 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
         checkpoint_extra: dict[str, Any] = {"mlflow_run_id": this_run, "mlflow_runs": [this_run]}
 
         def on_start(position: Position, extra: dict[str, Any]) -> None:
+            if extra.get("warm_start", {}).get("new_cycle") and not (position.epoch or position.step):
+                warm = extra["warm_start"]
+                run.set_tags({"warm_start": f"{warm['from']} (sha256 {warm['sha256'][:12]}) at {warm['at']}",
+                              "mlflow.note.content": f"A new cycle from the weights of {warm['from']}."})
             if position.epoch or position.step:  # say which run this one continues
                 earlier = extra.get("mlflow_run_id") or "unknown"
                 # every run of the chain, oldest first (checkpoints before this key: the last one only)

@@ -165,3 +165,34 @@ def test_publish_names_a_file_it_cannot_read(tmp_path: Path, capsys) -> None:
     assert release.main(["warm-start", "--model", str(tmp_path / "none.pt"), "--to", str(tmp_path / "c.pt")]) == 1
     assert "none.pt: no such checkpoint or model file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.pt").exists()
+
+
+def test_new_cycle_starts_a_new_recipe_from_the_released_weights(tiny_training, small, tmp_path: Path,  # noqa: F811
+                                                                  set5_dir: Path) -> None:
+    """warm-start --new-cycle: step 0 of another recipe from a finished release's weights, the
+    earlier training kept as the chain's first part; the averaged weights are what publish reads."""
+    folder, whole = tiny_training
+    out = tmp_path / "pretrained"
+    release.publish(folder / "whole.pt", workspace_with(set5_dir, tmp_path / "ws"), out, ["Set5"])
+    second = TrainConfig(**{**QUICK.__dict__, "lr": 3e-4, "epochs": 2, "ema_decay": 0.5})
+    checkpoint = tmp_path / "checkpoints" / "vdsr" / "last.pt"
+    position = release.warm_start(out / release.MODEL_FILE, checkpoint, new_cycle=second)
+    assert (position.epoch, position.step, position.elapsed_s) == (0, 0, 0.0)
+    payload = load_checkpoint(checkpoint)
+    assert payload["train_config"]["lr"] == 3e-4 and payload["history"] == []
+    (earlier,) = payload["extra"]["earlier"]
+    assert earlier["epoch"] == 3 and earlier["history"] == whole.history and earlier["train_config"]["lr"] == 1e-3
+    for a, b in zip(payload["model"].values(), whole.model.state_dict().values()):
+        assert torch.equal(a, b)  # the released weights, not a random init
+
+    lr, hr, validation = small
+    result = train(lr, hr, validation, TINY, second, device="cpu", progress=False, checkpoint_path=checkpoint,
+                   data_id="d")
+    assert [row["epoch"] for row in result.history] == [1, 2] and "val_psnr_raw_x2" in result.history[0]
+    assert result.checkpoint_extra["earlier"][0]["sha256"] == payload["extra"]["warm_start"]["sha256"]
+    averaged, raw = release.read_trained(checkpoint), release.read_trained(checkpoint, weights="raw")
+    for a, b in zip(averaged.model.state_dict().values(), result.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert raw.extra["weights"] == "raw" and averaged.extra["weights"].startswith("averaged")
+    assert not all(torch.equal(a, b) for a, b in zip(averaged.model.state_dict().values(),
+                                                      raw.model.state_dict().values()))

@@ -32,7 +32,9 @@ from vdsr.train import (
     sr_loss,
     step_decay_lr,
     train,
+    TrainingInterrupted,
 )
+from vdsr.models import build_model
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +196,63 @@ def test_resume_after_interruption_gives_the_same_result(small, tmp_path):
     again = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False, checkpoint_path=checkpoint,
                   data_id="d")
     assert again.resumed_from == 3 and again.history == resumed.history
+
+
+def test_weight_average_is_the_moving_average_and_resumes_exactly(small, tmp_path):
+    """ema_decay: the averaged copy equals the EMA recomputed from every step's weights, is what the
+    run outputs and validates, and a run stopped mid-epoch resumes to the same average."""
+    lr, hr, validation = small
+    decay = 0.9
+    config = dataclasses.replace(QUICK, ema_decay=decay, epochs=2)
+
+    # the reference: the raw weights after each step, averaged by hand
+    steps = []
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            out = super().step(closure)
+            steps.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
+            return out
+
+    import vdsr.train as train_module
+    original = torch.optim.SGD
+    train_module.torch.optim.SGD = Recorder
+    try:
+        whole = train(lr, hr, validation, TINY, config, device="cpu", progress=False,
+                      checkpoint_path=tmp_path / "whole.pt", data_id="d")
+    finally:
+        train_module.torch.optim.SGD = original
+    assert len(steps) == 2 * QUICK.steps_per_epoch
+    raw_at_end = list(torch.load(tmp_path / "whole.pt", weights_only=True)["model"].values())
+    torch.manual_seed(QUICK.seed)  # the average starts as a copy of the initial weights
+    average = [p.detach().clone() for p in build_model(TINY).parameters()]
+    for weights in steps:
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    for mine, reference in zip(whole.model.parameters(), average):
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-7)
+    for raw, last in zip(raw_at_end, steps[-1]):
+        assert torch.equal(raw, last)  # the checkpoint keeps the raw weights too
+    row = whole.history[-1]
+    assert set(row) >= {"val_psnr_x2", "val_psnr_raw_x2"} and row["val_psnr_x2"] != row["val_psnr_raw_x2"]
+
+    def stop_mid_epoch_2():
+        return len(calls) > QUICK.steps_per_epoch + 1
+
+    calls = []
+    cut = tmp_path / "cut.pt"
+    with pytest.raises(TrainingInterrupted):
+        train(lr, hr, validation, TINY, config, device="cpu", progress=False, checkpoint_path=cut, data_id="d",
+              stop=lambda: calls.append(1) or stop_mid_epoch_2())
+    assert torch.load(cut, weights_only=True)["ema"]["n_averaged"] == QUICK.steps_per_epoch + 3
+    resumed = train(lr, hr, validation, TINY, config, device="cpu", progress=False, checkpoint_path=cut, data_id="d")
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.history[-1]["val_psnr_x2"] == whole.history[-1]["val_psnr_x2"]
+
+
+def test_ema_decay_is_checked():
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
+        dataclasses.replace(QUICK, ema_decay=1.0)
 
 
 def test_checkpoint_of_other_settings_is_ignored_with_a_warning(small, tmp_path, caplog):

@@ -1,6 +1,6 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
-A checkpoint holds the weights, optimizer state, global RNG states, the history of finished
+A checkpoint holds the weights (and their moving average, when the recipe keeps one), optimizer state, global RNG states, the history of finished
 epochs and where in the run it was taken: after ``epoch`` whole epochs and ``step`` further
 steps of the next one (with that partial epoch's loss sum), so a run stopped mid-epoch resumes
 at the next step. The recipe (:class:`vdsr.train.TrainConfig`) and model config are stored and
@@ -25,6 +25,8 @@ from vdsr.io import remove_stale_temporaries
 from vdsr.models import ModelConfig, save_atomic, unwrapped_state_dict
 
 if TYPE_CHECKING:
+    from torch.optim.swa_utils import AveragedModel
+
     from vdsr.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ def save_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    ema: AveragedModel | None = None,
     model_config: ModelConfig,
     config: TrainConfig,
     data_id: str,
@@ -99,6 +102,8 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": rng_states(),
     }
+    if ema is not None:  # the averaged weights (train.<name>.ema_decay > 0) and how many steps they average
+        payload["ema"] = {"state": unwrapped_state_dict(ema.module), "n_averaged": int(ema.n_averaged.item())}
     save_atomic(path, payload)
 
 

@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from vdsr import evaluate
 from vdsr.checkpoints import CHECKPOINT_FORMAT, Position, history_of, position_of, save_checkpoint
 from vdsr.io import error_message, sha256_file, write_json_atomic
 from vdsr.models import ModelConfig, build_model, load_model, save_model
+
+if TYPE_CHECKING:
+    from vdsr.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,13 @@ class Trained:
         return self.position.epoch * int(self.train_config["steps_per_epoch"]) + self.position.step
 
 
-def read_trained(path: Path) -> Trained:
+def read_trained(path: Path, weights: str = "output") -> Trained:
     """A training checkpoint (``checkpoints/<name>/last.pt``) or a model file (``models/<name>.pt``,
-    a release); ``ValueError`` naming the file if it is neither or lacks the training record."""
+    a release); ``ValueError`` naming the file if it is neither or lacks the training record.
+
+    ``weights`` of a checkpoint: "output" (the run's output: the averaged weights when the recipe
+    keeps a moving average, ``ema_decay > 0``; else the weights), "raw" (the optimizer's weights).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint or model file")
     try:
@@ -77,8 +84,10 @@ def read_trained(path: Path) -> Trained:
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         config = ModelConfig(**payload["model_config"])
         model = build_model(config)
-        model.load_state_dict(payload["model"])
+        averaged = payload.get("ema") if weights == "output" else None
+        model.load_state_dict(averaged["state"] if averaged else payload["model"])
         extra = dict(payload["extra"])
+        extra["weights"] = "averaged (ema_decay " + str(payload["train_config"].get("ema_decay")) + ")" if averaged else "raw"
         extra.setdefault("mlflow_runs", [extra["mlflow_run_id"]] if extra.get("mlflow_run_id") else [])
         return Trained(model.eval(), config, dict(payload["train_config"]), position_of(payload),
                        history_of(payload), payload["data_id"], extra)
@@ -178,9 +187,16 @@ def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, fo
     return True
 
 
-def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = None) -> Position:
-    """Write a training checkpoint at ``checkpoint_path`` from a released model file, at the position
-    it was released at, with a fresh optimizer; refuses to overwrite an existing checkpoint.
+def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = None,
+               new_cycle: TrainConfig | None = None) -> Position:
+    """Write a training checkpoint at ``checkpoint_path`` from a released model file, with a fresh
+    optimizer; refuses to overwrite an existing checkpoint.
+
+    Without ``new_cycle``: at the position the release was published at, to finish its own recipe.
+    With ``new_cycle`` (a recipe): at step 0 of that recipe, the released weights instead of a
+    random init -- a further training (a second schedule cycle, SGDR-style: Loshchilov & Hutter
+    2017) whose checkpoint carries the released training's record as ``extra["earlier"]`` (recipe,
+    history, time, MLflow runs), so the next card shows the whole chain.
 
     ``prepared``: the folder of ``train.h5`` and ``val.h5``; when given, they must be the data the
     release was trained on (else training would ignore the checkpoint and start from scratch).
@@ -190,27 +206,58 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
     if checkpoint_path.exists():
         raise FileExistsError(f"{checkpoint_path}: a checkpoint exists already; training resumes from it")
     trained = read_trained(model_path)
-    if trained.steps_done >= trained.total_steps:
+    if new_cycle is None and trained.steps_done >= trained.total_steps:
         raise ValueError(f"{model_path}: a finished training ({trained.steps_done} of {trained.total_steps} steps), "
-                         "nothing to continue; `make release-cpu` trains the recipe again from scratch")
+                         "nothing to continue; `make release-cpu` trains the recipe again from scratch, and "
+                         "`make release-cpu-v2` trains on from it with a new schedule")
     if prepared is not None:
         here = f"{sha256_file(prepared / 'train.h5')}+{sha256_file(prepared / 'val.h5')}"
         if here != trained.data_id:
             raise ValueError(f"{prepared}: train.h5+val.h5 are {here}, but {model_path} was trained on "
                              f"{trained.data_id}; a warm start needs the same prepared data")
-    config = TrainConfig(**{f.name: trained.train_config[f.name] for f in dataclasses.fields(TrainConfig)
-                            if f.name in trained.train_config})
-    extra = dict(trained.extra)
-    extra["warm_start"] = {"from": str(model_path.name), "sha256": sha256_file(model_path),
-                           "at": str(trained.position), "optimizer": "fresh"}
-    extra["warm_starts"] = [*trained.extra.get("warm_starts", []), extra["warm_start"]]
-    position = dataclasses.replace(trained.position, loss_sum=0.0)  # the partial epoch's mean loss counts from here
+    sha256 = sha256_file(model_path)
+    if new_cycle is None:
+        config = TrainConfig(**{f.name: trained.train_config[f.name] for f in dataclasses.fields(TrainConfig)
+                                if f.name in trained.train_config})
+        extra = dict(trained.extra)
+        extra["warm_start"] = {"from": str(model_path.name), "sha256": sha256, "at": str(trained.position),
+                               "optimizer": "fresh"}
+        extra["warm_starts"] = [*trained.extra.get("warm_starts", []), extra["warm_start"]]
+        history = trained.history
+        position = dataclasses.replace(trained.position, loss_sum=0.0)  # the partial epoch's mean loss counts from here
+    else:
+        config, history, position = new_cycle, [], Position()
+        earlier = {"from": str(model_path.name), "sha256": sha256, "train_config": trained.train_config,
+                   "epoch": trained.position.epoch, "step": trained.position.step,
+                   "elapsed_s": trained.position.elapsed_s, "history": trained.history,
+                   "mlflow_runs": trained.extra.get("mlflow_runs", []),
+                   "warm_starts": trained.extra.get("warm_starts", [])}
+        extra = {"earlier": [*trained.extra.get("earlier", []), earlier],
+                 "warm_start": {"from": str(model_path.name), "sha256": sha256, "at": str(trained.position),
+                                "optimizer": "fresh", "new_cycle": True}}
+        extra["warm_starts"] = [extra["warm_start"]]
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint_path, model=trained.model, optimizer=make_optimizer(trained.model, config, torch.device("cpu")),
                     model_config=trained.config, config=config, data_id=trained.data_id, position=position,
-                    history=trained.history, extra=extra)
-    log.info("warm start: wrote %s from %s at %s (fresh optimizer)", checkpoint_path, model_path, trained.position)
-    return trained.position
+                    history=history, extra=extra)
+    log.info("warm start: wrote %s from %s at %s (fresh optimizer%s)", checkpoint_path, model_path, trained.position,
+             "; a new cycle of its recipe from step 0" if new_cycle is not None else "")
+    return position
+
+
+def preset_recipe(preset: str, name: str = "vdsr", params_file: Path = Path("params.yaml")) -> TrainConfig:
+    """The ``train.<name>`` recipe of ``params_file`` with preset ``preset`` applied, as the stage
+    will see it after ``dvc exp run $(python -m vdsr.presets PRESET)``."""
+    from vdsr.config import load_params
+    from vdsr.presets import load_preset
+    from vdsr.train import TrainConfig
+
+    section = dict(load_params(params_file)["train"][name])
+    prefix = f"train.{name}."
+    for key, value in load_preset(preset, params_file=params_file).items():
+        if key.startswith(prefix):
+            section[key.removeprefix(prefix)] = value
+    return TrainConfig(**{f.name: section[f.name] for f in dataclasses.fields(TrainConfig) if f.name in section})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,13 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     warm.add_argument("--model", type=Path, default=RELEASE_DIR / MODEL_FILE)
     warm.add_argument("--to", type=Path, default=Path("checkpoints/vdsr/last.pt"))
     warm.add_argument("--data", type=Path, help="folder of train.h5 and val.h5 to check against the release's")
+    warm.add_argument("--new-cycle", metavar="PRESET",
+                      help="start this preset's recipe (params.yaml + presets/PRESET.yaml) from step 0 with the "
+                           "released weights, instead of finishing the release's own recipe")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "publish":
             publish(args.source, args.workspace, args.out, args.sets, force=args.force, preset=args.preset or None)
         else:
-            warm_start(args.model, args.to, args.data)
+            warm_start(args.model, args.to, args.data,
+                       preset_recipe(args.new_cycle) if args.new_cycle else None)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         print(f"vdsr.release: error: {error_message(error)}", file=sys.stderr)
         return 1

@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -107,6 +108,7 @@ class TrainConfig:
     augment: bool = True  # random flips and 90-degree rotations, per patch
     steps_per_epoch: int = 0  # 0: one pass, floor(N / batch_size) batches; > 0: that many batches
     seed: int = 0  # model init, shuffling and augmentation
+    ema_decay: float = 0.0  # weight averaging: 0 off; else an exponential moving average of the weights
 
     def __post_init__(self) -> None:
         checks = [
@@ -126,6 +128,7 @@ class TrainConfig:
             (self.clip_theta > 0, "clip_theta", "> 0"),
             (self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0"),
             (self.seed >= 0, "seed", ">= 0"),
+            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -331,7 +334,7 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # the trained network, unwrapped, on the training device, in eval mode
+    model: nn.Module  # the trained network (the averaged weights when ema_decay > 0), unwrapped, on the training device, eval mode
     history: list[dict[str, float]]  # one row per epoch, earlier runs' epochs included
     resumed_from: int  # epochs taken from the checkpoint (0: trained from scratch)
     resumed_at: Position = dataclasses.field(default_factory=Position)  # where the checkpoint stood
@@ -392,12 +395,35 @@ def _global_sum(value: torch.Tensor, world_size: int) -> float:
     return float(value.item())
 
 
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """Weight averaging: an exponential moving average of the weights (Polyak & Juditsky 1992;
+    BasicSR's ``net_g_ema``), ``ema = decay * ema + (1 - decay) * w`` after every step, starting
+    equal to the weights; :class:`torch.optim.swa_utils.AveragedModel`. None when ``decay`` is 0."""
+    if decay == 0:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    ema.update_parameters(model)  # n_averaged 0 -> 1: a copy of the weights
+    return ema
+
+
+@dataclass
+class State:
+    """What a run starts from: fresh, or read from a checkpoint (rank 0's, sent to all)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None  # the averaged weights when config.ema_decay > 0
+    history: list[dict[str, float]]
+    position: Position
+    extra: dict[str, Any]  # the caller's plain data stored with the checkpoint
+
+
 def _start(
     model_config: ModelConfig, config: TrainConfig, runtime: Runtime, checkpoint_path: Path | None, data_id: str,
     rank: int, world_size: int,
-) -> tuple[nn.Module, torch.optim.Optimizer, list[dict[str, float]], Position, dict[str, Any]]:
-    """Model and optimizer from scratch, or from the checkpoint (read by rank 0, sent to all);
-    also the history, position and caller's extra stored with it."""
+) -> State:
+    """Model, optimizer and averaged weights from scratch, or from the checkpoint (read by rank 0,
+    sent to all); also the history, position and caller's extra stored with it."""
     torch.manual_seed(config.seed)
     model = build_model(model_config).to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, config, runtime.device)
@@ -409,16 +435,20 @@ def _start(
         dist.broadcast_object_list(shared, src=0, device=runtime.device if runtime.cuda else None)
         payload = shared[0]
     if payload is None:
-        return model, optimizer, [], Position(), {}
+        return State(model, optimizer, make_ema(model, config.ema_decay), [], Position(), {})
     model.load_state_dict(payload["model"])
     kernels = {key: optimizer.param_groups[0].get(key) for key in ("fused", "foreach")}
     for group in payload["optimizer"]["param_groups"]:
         group.update(kernels)  # this device's kernels, wherever the checkpoint was made
     optimizer.load_state_dict(payload["optimizer"])
     set_rng_states(payload["rng"])
+    ema = make_ema(model, config.ema_decay)  # a warm start's checkpoint has none yet: the weights
+    if ema is not None and payload.get("ema"):
+        ema.module.load_state_dict(payload["ema"]["state"])
+        ema.n_averaged.fill_(int(payload["ema"]["n_averaged"]))
     position = position_of(payload)
     log.info("resuming from %s after %s", checkpoint_path, position)
-    return model, optimizer, history_of(payload), position, dict(payload["extra"])
+    return State(model, optimizer, ema, history_of(payload), position, dict(payload["extra"]))
 
 
 def train(
@@ -481,8 +511,9 @@ def train(
         check_same_data(data_id, world_size)
 
     with training_flags(runtime):
-        model, optimizer, history, at, extra = _start(model_config, config, runtime, checkpoint_path, data_id,
-                                                      rank, world_size)
+        state = _start(model_config, config, runtime, checkpoint_path, data_id, rank, world_size)
+        model, optimizer, ema, history, at, extra = (state.model, state.optimizer, state.ema, state.history,
+                                                     state.position, state.extra)
         if rank == 0 and on_start is not None:
             on_start(at, extra)
         step_model: nn.Module = model
@@ -497,7 +528,7 @@ def train(
 
         def write_checkpoint(position: Position) -> None:
             if rank == 0 and checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, model_config=model_config,
+                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, ema=ema, model_config=model_config,
                                 config=config, data_id=data_id, position=position, history=history,
                                 extra={**extra, **(checkpoint_extra or {})})
 
@@ -530,6 +561,8 @@ def train(
                     x = x.contiguous(memory_format=runtime.memory_format)
                     loss = train_step(step_model, optimizer, x, y, lr=lr, clip=config.clip, loss=config.loss,
                                       clip_theta=config.clip_theta, autocast=runtime.autocast())
+                    if ema is not None:
+                        ema.update_parameters(model)
                     loss_sum += loss
                     first_bad_step = torch.where((first_bad_step == steps) & ~torch.isfinite(loss), step,
                                                  first_bad_step)
@@ -571,14 +604,19 @@ def train(
                 train_loss = loss_sum.item() / steps / world_size  # waits for the GPU
                 train_time = time.perf_counter() - start
 
-                val = validate(model, validation, device)
+                val = validate(model if ema is None else ema.module, validation, device)
                 row = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
                 row.update({f"val_psnr_x{scale}": value for scale, value in val.items()})
+                if ema is not None:  # val_psnr_x<s>: the averaged weights (the run's output); also the raw ones
+                    raw = validate(model, validation, device)
+                    row.update({f"val_psnr_raw_x{scale}": value for scale, value in raw.items()})
                 row.update(patches_per_s=(steps - first) * batch_size / train_time, time_s=time.perf_counter() - start,
                            elapsed_s=elapsed())
                 history.append(row)
-                log.info("epoch %d: loss %.5f, lr %.3g, val psnr %s, %.0f patches/s", epoch, train_loss, lr,
-                         " ".join(f"x{s} {v:.2f}" for s, v in val.items()) or "-", row["patches_per_s"])
+                log.info("epoch %d: loss %.5f, lr %.3g, val psnr %s%s, %.0f patches/s", epoch, train_loss, lr,
+                         " ".join(f"x{s} {v:.2f}" for s, v in val.items()) or "-",
+                         "" if ema is None else " (averaged weights; raw " +
+                         " ".join(f"x{s} {v:.2f}" for s, v in raw.items()) + ")", row["patches_per_s"])
                 write_checkpoint(Position(epoch, elapsed_s=row["elapsed_s"]))
                 last_checkpoint = time.monotonic()
                 if rank == 0 and on_epoch_end is not None:
@@ -587,4 +625,6 @@ def train(
                     raise TrainingInterrupted(Position(epoch, elapsed_s=row["elapsed_s"]), checkpoint_path)
 
     model.eval()
+    if ema is not None:  # the run's output is the averaged copy; the raw weights stay in the checkpoint
+        model = ema.module.eval()
     return TrainResult(model=model, history=history, resumed_from=at.epoch, resumed_at=at, checkpoint_extra=extra)
