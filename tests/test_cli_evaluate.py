@@ -47,3 +47,30 @@ def test_evaluate_refuses_an_image_too_small_naming_it(tmp_path: Path) -> None:
                         "--scales", "4", "--model", "bicubic"], timeout=120)
     assert result.returncode == 2
     assert f"{tmp_path / 'set' / 'tiny.png'}: image is 30x18, too small to evaluate at x4" in result.stderr
+
+
+def test_evaluate_self_ensemble_is_its_own_number(set5_dir: Path, tmp_path: Path) -> None:
+    """--self-ensemble scores the 8-pass mean of the model (vdsr.inference), not the plain model."""
+    import torch
+
+    from vdsr.inference import self_ensemble
+    from vdsr.models import ModelConfig, build_model, save_model
+    from vdsr.upscale import model_upscaler
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("vdsr", depth=3, width=4)).eval()
+    path = tmp_path / "tiny.pt"
+    save_model(path, model, ModelConfig("vdsr", depth=3, width=4), {})
+    images = tmp_path / "Set5"
+    images.mkdir()
+    (images / "bird.png").symlink_to(set5_dir / "bird.png")  # one image keeps it quick
+    plain, ensembled = tmp_path / "plain.json", tmp_path / "plus.json"
+    assert main(["evaluate", "--images", str(images), "--scales", "3", "--model", str(path), "--json", str(plain)]) == 0
+    assert main(["evaluate", "--images", str(images), "--scales", "3", "--model", str(path), "--self-ensemble",
+                 "--json", str(ensembled)]) == 0
+    upscaler = model_upscaler(model, torch.device("cpu"))
+    assert json.loads(ensembled.read_text())["Set5"] == summary(evaluate_folder(images, [3], self_ensemble(upscaler)))
+    assert json.loads(plain.read_text())["Set5"] == summary(evaluate_folder(images, [3], upscaler))
+    assert json.loads(plain.read_text()) != json.loads(ensembled.read_text())
+    help_text = run_child([sys.executable, "-m", "vdsr.cli", "evaluate", "--help"], timeout=120).stdout
+    assert "--self-ensemble" in help_text and "8x the time" in help_text

@@ -1,0 +1,74 @@
+"""The x8 self-ensemble: the mean of the 8 transformed passes computed independently (numpy's own
+rotations), the plain output for an exactly equivariant network, tiled equal to untiled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vdsr.inference import SYMMETRIES, dihedral, self_ensemble, undo_dihedral
+from vdsr.models import ModelConfig, build_model
+from vdsr.upscale import model_upscaler
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig("vdsr", depth=4, width=6)).eval()
+    with torch.no_grad():  # a visible non-symmetric response: weights far from the identity
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def independent_passes(luma, y: np.ndarray) -> list[np.ndarray]:
+    """The 8 symmetries as numpy's rot90 / fliplr, each output mapped back with the inverse rotation."""
+    outs = []
+    for mirror in (False, True):
+        for turns in range(4):
+            x = np.fliplr(y) if mirror else y
+            out = np.rot90(luma(np.ascontiguousarray(np.rot90(x, turns)), 2), -turns)
+            outs.append(np.fliplr(out) if mirror else out)
+    return outs
+
+
+def test_dihedral_is_the_group_and_undo_inverts_it():
+    a = np.arange(12.0).reshape(3, 4)
+    images = [dihedral(a, k) for k in range(SYMMETRIES)]
+    assert len({im.tobytes() + bytes(im.shape) for im in map(np.ascontiguousarray, images)}) == 8  # all distinct
+    for k in range(SYMMETRIES):
+        assert np.array_equal(undo_dihedral(dihedral(a, k), k), a)
+    with pytest.raises(ValueError, match=r"symmetry index must be in \[0, 8\), got 8"):
+        dihedral(a, 8)
+
+
+def test_self_ensemble_is_the_mean_of_the_eight_passes():
+    model = tiny_model()
+    luma = model_upscaler(model, torch.device("cpu"), tile=0)
+    y = np.random.default_rng(1).uniform(0.1, 0.9, (23, 31))  # not square: transposes change the shape
+    expected = np.mean(independent_passes(luma, y), axis=0)
+    got = self_ensemble(luma)(y, 2)
+    assert got.shape == y.shape and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    plain = luma(y, 2)
+    assert np.abs(got - plain).max() > 1e-4  # this network is not equivariant: the ensemble differs
+
+
+def test_an_equivariant_network_gives_the_plain_output():
+    model = tiny_model()
+    with torch.no_grad():  # every kernel made symmetric under the 8 symmetries: the network commutes with them
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                w = module.weight
+                module.weight.copy_(sum(torch.rot90(v, t, (2, 3)) for v in (w, w.flip(3)) for t in range(4)) / 8)
+    luma = model_upscaler(model, torch.device("cpu"), tile=0)
+    y = np.random.default_rng(2).uniform(0.1, 0.9, (19, 26))
+    np.testing.assert_allclose(self_ensemble(luma)(y, 3), luma(y, 3), rtol=0, atol=1e-6)
+
+
+def test_tiled_equals_untiled():
+    model = tiny_model(3)
+    y = np.random.default_rng(3).uniform(0.1, 0.9, (40, 37))
+    whole = self_ensemble(model_upscaler(model, torch.device("cpu"), tile=0))(y, 2)
+    tiled = self_ensemble(model_upscaler(model, torch.device("cpu"), tile=16))(y, 2)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
