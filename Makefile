@@ -20,7 +20,7 @@ DATA_MIRROR := $(or $(VDSR_DATA_MIRROR),$(wildcard $(abspath ../shared/datasets)
 DATA_MIRROR := $(if $(wildcard $(DATA_MIRROR)),$(abspath $(DATA_MIRROR)),$(DATA_MIRROR))
 SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
 
-.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-publish test bench
+.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-publish table3 test bench
 
 # `--temp`: the experiment runs in a copy under .dvc/tmp/exps/, so params.yaml, dvc.lock and the
 # outputs in the workspace stay as they were; its results are kept as experiment $(SMOKE_NAME).
@@ -64,6 +64,11 @@ RELEASE_FROM ?= checkpoints/vdsr/last.pt
 RELEASE_SETS ?= Set5 Set14 B100 Urban100
 release-publish:
 	$(PYTHON) -m vdsr.release publish --from $(RELEASE_FROM) --sets $(RELEASE_SETS)
+
+# The paper's Table 3 from the shipped models (reports/table3.md and .png; seconds: it reads the
+# releases' eval.json, checked against their weights). Run after every release, commit both.
+table3:
+	$(PYTHON) -m vdsr.table3
 
 test:
 	$(PYTHON) -m pytest

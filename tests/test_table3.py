@@ -1,0 +1,45 @@
+"""reports/table3.md agrees with the shipped releases' eval.json (it is rewritten whenever a release
+changes), and a release whose weights changed without a new publish is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from vdsr import table3
+
+
+def test_committed_table_agrees_with_the_released_evaluations() -> None:
+    committed = (REPO_ROOT / table3.REPORT).read_text()
+    assert committed == table3.report_text(table3.shipped_releases(REPO_ROOT)), (
+        "reports/table3.md is stale: run `python -m vdsr.table3` and commit it")
+    scores = json.loads((REPO_ROOT / "pretrained" / "eval.json").read_text())
+    x2 = scores["model"]["Set5"]["x2"]  # an independent read of the same cell
+    assert f"| Set5 | x2 | 33.66 / 0.9299 | {scores['bicubic']['Set5']['x2']['psnr']:.2f}" in committed
+    assert f"{x2['psnr']:.2f} / {x2['ssim']:.4f} | {x2['psnr'] - 37.53:+.2f} |" in committed
+    assert (REPO_ROOT / table3.FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_changed_weights_are_refused_and_a_self_ensemble_row_is_added(tmp_path: Path, capsys) -> None:
+    (tmp_path / "pretrained").mkdir()
+    for name in ("vdsr.pt", "eval.json", "MODEL_CARD.md"):
+        shutil.copy(REPO_ROOT / "pretrained" / name, tmp_path / "pretrained" / name)
+    scores = json.loads((tmp_path / "pretrained" / "eval.json").read_text())
+    plus = {s: {x: {"psnr": v["psnr"] + 0.05, "ssim": v["ssim"]} for x, v in t.items()} for s, t in scores["model"].items()}
+    (tmp_path / "pretrained" / "eval.json").write_text(json.dumps({**scores, table3.PLUS: plus}))
+    assert table3.main(["--root", str(tmp_path)]) == 0
+    text = (tmp_path / table3.REPORT).read_text()
+    assert "vdsr+ (x8 self-ensemble) (vdsr): ours" in text
+    assert f"{plus['Set5']['x2']['psnr']:.2f} / " in text
+
+    shipped_sha256 = table3.sha256_file(tmp_path / "pretrained" / "vdsr.pt")
+    with (tmp_path / "pretrained" / "vdsr.pt").open("ab") as weights:
+        weights.write(b"\0")  # the weights changed, eval.json did not
+    assert table3.main(["--root", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert f"eval.json was computed for weights with sha256 {shipped_sha256}" in error
+    assert "publish the weights again" in error

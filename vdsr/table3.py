@@ -1,0 +1,175 @@
+"""The paper's Table 3 from the shipped models: ``python -m vdsr.table3`` writes
+``reports/table3.md`` and ``reports/table3.png``.
+
+Columns, each beside the paper's (Kim et al. 2016, Table 3; :data:`vdsr.paper.TABLE3`): bicubic
+(ours), SRCNN (ours, when an SRCNN release is shipped), VDSR (ours, ``pretrained/vdsr.pt``) and
+VDSR+ (ours, the x8 self-ensemble of the same weights, :mod:`vdsr.inference`, where it was
+measured; compared with the paper's plain VDSR, which has no such row). PSNR / SSIM on Y with
+``scale`` pixels shaved, in exact fp32 (:mod:`vdsr.evaluate`).
+
+The scores are the releases' own ``eval.json``, written by ``python -m vdsr.release publish``
+together with the weights; they are used only while the weights file still has the sha256 the
+release recorded (``eval.json`` key ``weights.sha256``, or for releases made before that key,
+the model card's), so the table takes seconds. A release whose weights changed without a new
+publish stops the command with the file named: publish it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vdsr import paper
+from vdsr.io import error_message, sha256_file, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT, FIGURE = Path("reports/table3.md"), Path("reports/table3.png")
+PLUS = "self_ensemble"  # eval.json key of the x8 self-ensemble's table
+
+
+@dataclass(frozen=True)
+class Release:
+    """One shipped model: its weights, the evaluation publish wrote, the card that names its sha256."""
+
+    kind: str  # "vdsr" | "srcnn": the paper's column it is compared with
+    weights: Path
+    scores: Path
+    card: Path
+
+
+def shipped_releases(root: Path = ROOT) -> list[Release]:
+    """The releases present under ``root/pretrained``, SRCNN first (the paper's column order)."""
+    candidates = [Release("srcnn", root / "pretrained/srcnn.pt", root / "pretrained/srcnn_eval.json",
+                          root / "pretrained/SRCNN_MODEL_CARD.md"),
+                  Release("vdsr", root / "pretrained/vdsr.pt", root / "pretrained/eval.json",
+                          root / "pretrained/MODEL_CARD.md")]
+    return [release for release in candidates if release.weights.is_file()]
+
+
+def recorded_sha256(release: Release, scores: dict[str, Any]) -> str | None:
+    """The weights' sha256 that ``scores`` were computed for: eval.json's own record, else the card's."""
+    if isinstance(scores.get("weights"), dict) and scores["weights"].get("sha256"):
+        return str(scores["weights"]["sha256"])
+    if release.card.is_file():
+        found = re.search(r"sha256 `([0-9a-f]{64})`", release.card.read_text())
+        return found.group(1) if found else None
+    return None
+
+
+def release_scores(release: Release) -> dict[str, Any]:
+    """The release's eval.json, checked against its weights; ``ValueError`` naming the files if stale."""
+    if not release.scores.is_file():
+        raise ValueError(f"{release.scores}: missing; run `python -m vdsr.release publish` for {release.weights}")
+    scores = json.loads(release.scores.read_text())
+    recorded, actual = recorded_sha256(release, scores), sha256_file(release.weights)
+    if recorded != actual:
+        raise ValueError(f"{release.scores} was computed for weights with sha256 {recorded}, but {release.weights} "
+                         f"has {actual}: publish the weights again (python -m vdsr.release publish)")
+    return scores
+
+
+def columns(releases: list[Release]) -> list[paper.Column]:
+    """Table columns: bicubic (from the first release's evaluation), then each model, then VDSR+."""
+    cols: list[paper.Column] = []
+    plus: list[paper.Column] = []
+    for release in releases:
+        scores = release_scores(release)
+        if not cols:
+            cols.append(paper.Column("bicubic", "bicubic", scores["bicubic"]))
+        cols.append(paper.Column(release.kind, release.kind, scores["model"]))
+        if scores.get(PLUS):
+            plus.append(paper.Column(f"{release.kind}+ (x8 self-ensemble)", release.kind, scores[PLUS]))
+    if not cols:
+        raise ValueError(f"no shipped release under {ROOT / 'pretrained'}")
+    return cols + plus
+
+
+def report_text(releases: list[Release]) -> str:
+    """reports/table3.md: the table and where each column comes from."""
+    sources = [f"- `{r.kind}`: `{r.weights.relative_to(r.weights.parents[1])}` (sha256 "
+               f"`{sha256_file(r.weights)[:16]}...`), scores from `{r.scores.relative_to(r.scores.parents[1])}`"
+               for r in releases]
+    missing = [kind for kind in ("srcnn", "vdsr") if kind not in {r.kind for r in releases}]
+    lines = [
+        "# Table 3 of the paper, from the shipped models",
+        "",
+        "Written by `python -m vdsr.table3` from the releases in `pretrained/`; do not edit by hand",
+        "(`tests/test_table3.py` fails when it disagrees with their `eval.json`). PSNR (dB) / SSIM on Y,",
+        "`scale` pixels shaved, exact fp32; \"paper\" is Kim et al. 2016, Table 3 (291 training images);",
+        "the \"+\" column is the x8 self-ensemble of the same weights, compared with the paper's plain model.",
+        "",
+        paper.results_table(columns(releases)).rstrip(),
+        "",
+        "Sources:",
+        "",
+        *sources,
+    ]
+    if missing:
+        lines += ["", f"Not shipped yet: {', '.join(missing)} (its column is absent)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_figure(cols: list[paper.Column], path: Path) -> None:
+    """PSNR of each trained model minus the paper's VDSR, per set and scale, as grouped bars, with the
+    paper's SRCNN as a marker (bicubic, 1-4 dB below, would flatten the rest; it is in the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(dataset, scale) for dataset, by_scale in cols[0].table.items() for scale in by_scale]
+    cols = [column for column in cols if column.paper != "bicubic"]
+    figure, axes = plt.subplots(figsize=(10, 4), dpi=110)
+    width = 0.8 / len(cols)
+    for i, column in enumerate(cols):
+        values = []
+        for dataset, scale in cells:
+            ours = column.table.get(dataset, {}).get(scale)
+            reference = paper.TABLE3[dataset][scale]["vdsr"][0]
+            values.append(ours["psnr"] - reference if ours else float("nan"))
+        axes.bar([k + (i - (len(cols) - 1) / 2) * width for k in range(len(cells))], values, width,
+                 label=column.label)
+    srcnn = [paper.TABLE3[d][s]["srcnn"][0] - paper.TABLE3[d][s]["vdsr"][0] for d, s in cells]
+    axes.scatter(range(len(cells)), srcnn, marker="_", s=400, color="black", label="paper's SRCNN", zorder=3)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xticks(range(len(cells)), [f"{d}\n{s}" for d, s in cells], fontsize=8)
+    axes.set_ylabel("PSNR minus the paper's VDSR (dB)")
+    axes.set_title("Ours against the paper's VDSR (0 dB); Table 3 sets and scales")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp, metadata={"Software": None})  # no version string: the bytes follow the numbers
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vdsr.table3", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=ROOT, help="the repository (its pretrained/ and reports/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        releases = shipped_releases(args.root)
+        text = report_text(releases)
+        write_text_atomic(args.root / REPORT, text)
+        write_figure(columns(releases), args.root / FIGURE)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"vdsr.table3: error: {error_message(error)}", file=sys.stderr)
+        return 1
+    log.info("table3: wrote %s and %s from %s", args.root / REPORT, args.root / FIGURE,
+             ", ".join(str(r.scores.relative_to(args.root)) for r in releases))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
