@@ -20,7 +20,9 @@ with a small encoder (:func:`write_png16`), since Pillow has no 16-bit colour mo
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import struct
 import sys
 import zlib
@@ -326,8 +328,9 @@ def write_png16(path: Path, samples: np.ndarray) -> None:
     )
 
 
-def write_picture(path: Path, picture: Picture) -> None:
-    """Write ``picture`` as a PNG with its bit depth (8 or 16) and alpha, atomically."""
+def write_picture(path: Path, picture: Picture, *, overwrite: bool = False) -> None:
+    """Write ``picture`` as a PNG with its bit depth (8 or 16) and alpha, atomically (temporary name,
+    then rename). FileExistsError if ``path`` exists and not ``overwrite``."""
     planes = [picture.pixels] if picture.pixels.ndim == 2 else [picture.pixels[..., c] for c in range(3)]
     if picture.alpha is not None:
         planes.append(picture.alpha)
@@ -335,10 +338,15 @@ def write_picture(path: Path, picture: Picture) -> None:
     top = 65535.0 if picture.bits == 16 else 255.0
     quantised = np.clip(np.round(data * top), 0, top)
     with atomic_path(path) as tmp:
-        if picture.bits == 16:
-            write_png16(tmp, quantised.astype(np.uint16))
-        else:
-            Image.fromarray(quantised.astype(np.uint8)).save(tmp, format="PNG")
+        try:
+            if picture.bits == 16:
+                write_png16(tmp, quantised.astype(np.uint16))
+            else:
+                Image.fromarray(quantised.astype(np.uint8)).save(tmp, format="PNG")
+        except OSError as error:  # disk full, file size limit: the error names no file by itself
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists (--overwrite replaces it)", str(path))
 
 
 def upscale_picture(picture: Picture, scale: int, luma: Upscaler) -> Picture:
@@ -364,10 +372,81 @@ def output_path(image: Path, scale: int, out: Path | None, count: int) -> Path:
     return out / name
 
 
+@dataclass
+class Job:
+    """One input ``image`` and the PNG ``target`` it is written to."""
+
+    image: Path
+    target: Path
+
+
+def _entry(path: Path) -> Path:
+    """The folder entry ``path`` names: its folder resolved (symlinks followed), its name kept, since a
+    rename onto ``path`` replaces that entry (a symlink itself, not the file it points to)."""
+    return path.parent.resolve() / path.name
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the entry itself (a symlink is not followed); None if it does not exist."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def plan_outputs(
+    images: list[Path], scale: int, out: Path | None, *, overwrite: bool
+) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """The jobs to run and the ``(image, reason)`` pairs skipped, decided before any work.
+
+    Raises ValueError, naming the files, if any output would be written over an input or two inputs
+    would be written to one output name (``a/photo.png b/photo.png``, ``photo.png photo.jpg``):
+    those are mistakes in the command, refused as a whole. An output that already exists is kept
+    and its input skipped unless ``overwrite``; an output that is a folder is always skipped.
+    """
+    if out is not None and out.exists() and not out.is_dir() and out.suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: exists and is not a folder; give a folder or a .png name")
+    jobs = [Job(image, output_path(image, scale, out, len(images))) for image in images]
+    problems: list[str] = []
+    by_target: dict[Path, list[Job]] = {}
+    for job in jobs:
+        by_target.setdefault(_entry(job.target), []).append(job)
+    for group in by_target.values():
+        if len(group) > 1:
+            names = ", ".join(str(job.image) for job in group)
+            problems.append(
+                f"{names} would all be written to {group[0].target} (rename them, or upscale them into "
+                "separate -o folders)"
+            )
+    # A rename onto the target replaces an input if it is the same folder entry, or the same inode
+    # (a hard link, or another spelling on a case-insensitive file system).
+    inputs = {_entry(image): image for image in images}
+    inodes = {key: image for image in images if (key := _inode(image)) is not None}
+    for job in jobs:
+        image = inputs.get(_entry(job.target)) or inodes.get(_inode(job.target))
+        if image is not None:
+            problems.append(f"the output {job.target} of {job.image} is the input {image} (choose another -o)")
+    if problems:
+        raise ValueError("refused before any work: " + "; ".join(problems))
+    todo: list[Job] = []
+    skipped: list[tuple[Path, str]] = []
+    for job in jobs:
+        if job.target.is_dir():
+            skipped.append((job.image, f"its output {job.target} is a folder"))
+        elif os.path.lexists(job.target) and not overwrite:
+            skipped.append((job.image, f"{job.target} exists, kept (--overwrite replaces it)"))
+        else:
+            todo.append(job)
+    return todo, skipped
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Super-resolve images: Y through the network, Cb/Cr and alpha bicubic (MATLAB imresize). "
-        "Writes <stem>_x<scale>.png (8- or 16-bit, as the input)."
+        "Writes <stem>_x<scale>.png (8- or 16-bit, as the input), atomically. Before any work it refuses "
+        "a run that would write over an input or write two inputs to one name, and skips inputs whose "
+        "output exists unless --overwrite."
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, BMP, TIFF)")
     parser.add_argument("--scale", type=int, required=True, choices=SCALES, help="upscaling factor")
@@ -375,6 +454,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", type=Path, help=f"trained model file (default: the released weights, {PRETRAINED_MODEL})"
     )
     parser.add_argument("-o", "--output", type=Path, help="output folder (created), or a .png name for one image")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace outputs that already exist (default: keep them, skip their inputs and exit 2 at the "
+        "end); an input is never written over",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
     parser.add_argument(
         "--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels, bounds memory (0: whole image)"
@@ -394,11 +478,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Upscale each image; a bad image is reported and skipped; exit status 2 if any failed."""
-    model_path = model_or_released(args.model)
+    """Upscale each image; a bad or skipped image is reported and the others are done; exit 2 if any
+    was not written. Outputs are planned (:func:`plan_outputs`) before the model is loaded."""
     if args.tile < 0:
         raise ValueError(f"--tile must be >= 0 (0: whole image), got {args.tile}")
-    targets = [output_path(image, args.scale, args.output, len(args.images)) for image in args.images]
+    jobs, skipped = plan_outputs(args.images, args.scale, args.output, overwrite=args.overwrite)
+    for image, reason in skipped:
+        print(f"vdsr upscale: skipped {image}: {reason}", file=sys.stderr)
+    not_written = [image for image, _ in skipped]
+    if not jobs:
+        return _finish(not_written, len(args.images))
+    model_path = model_or_released(args.model)
     model, device = load_network(Path(model_path), args.device)
     if args.overlap is not None and args.overlap < receptive_radius(model):
         raise ValueError(
@@ -408,17 +498,30 @@ def run(args: argparse.Namespace) -> int:
     def luma(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
         return predict_y(model, bicubic_y, device, args.tile, args.overlap, precision=args.precision)
 
-    failed = 0
-    for image, target in zip(args.images, targets):
+    for job in jobs:
         try:
-            picture = read_picture(image, args.max_pixels)
+            picture = read_picture(job.image, args.max_pixels)
         except ImageError as error:
             print(f"vdsr upscale: error: {error}", file=sys.stderr)
-            failed += 1
+            not_written.append(job.image)
             continue
         result = upscale_picture(picture, args.scale, luma)
-        write_picture(target, result)
+        try:
+            write_picture(job.target, result, overwrite=args.overwrite)
+        except FileExistsError:  # appeared while we worked: still not ours to replace
+            print(f"vdsr upscale: skipped {job.image}: {job.target} appeared meanwhile, kept", file=sys.stderr)
+            not_written.append(job.image)
+            continue
         height, width = picture.pixels.shape[:2]
-        log.info("%s (%dx%d) -> %s (%dx%d, %d-bit)", image, width, height, target, width * args.scale,
+        log.info("%s (%dx%d) -> %s (%dx%d, %d-bit)", job.image, width, height, job.target, width * args.scale,
                  height * args.scale, result.bits)
-    return 2 if failed else 0
+    return _finish(not_written, len(args.images))
+
+
+def _finish(not_written: list[Path], total: int) -> int:
+    """Exit status 0 if every image was written, else 2 after a line naming those that were not."""
+    if not not_written:
+        return 0
+    names = ", ".join(str(image) for image in not_written)
+    print(f"vdsr upscale: {len(not_written)} of {total} images not written: {names}", file=sys.stderr)
+    return 2
