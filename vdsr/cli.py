@@ -1,4 +1,5 @@
-"""The ``vdsr`` command: ``vdsr evaluate``, ``vdsr upscale`` and ``vdsr export`` (library code, no DVC)."""
+"""The vdsr command: evaluate a model on a folder of images, upscale your own pictures, export a
+model file to Keras 3 or ONNX. Library code: no DVC needed (the pipeline is `dvc repro`)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,25 @@ log = logging.getLogger("vdsr")
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    summary = "PSNR/SSIM (Y channel, border = scale) of bicubic or a trained model on a folder of HR images"
     parser = subparsers.add_parser(
-        "evaluate",
-        help="PSNR/SSIM (Y channel, border = scale) of bicubic or a trained model on a folder of HR images",
+        "evaluate", help=summary,
+        description=f"{summary}: each image is mod-cropped to the scale, shrunk with MATLAB's bicubic imresize, "
+                    "upscaled again by the model (exact fp32) and compared on Y (BT.601, as MATLAB's rgb2ycbcr) "
+                    "with the scale's pixels shaved at the border -- the protocol of the paper's Table 3. Prints a "
+                    "table; --json also writes it.",
     )
     parser.add_argument("--images", required=True, type=Path, help="folder of HR images; its name is the dataset key")
-    parser.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4])
+    parser.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4],
+                        help="scales to evaluate (default: 2 3 4)")
     parser.add_argument("--model", help="a trained model file, or 'bicubic' (default: the released weights, "
                         "pretrained/vdsr.pt)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if present) | cpu | cuda[:N]")
     parser.add_argument("--self-ensemble", action="store_true",
                         help="x8 self-ensemble (VDSR+): average the model over the 8 flips/rotations of each "
                         "image; 8x the time; reported as its own numbers, not the plain model's")
-    parser.add_argument("--json", type=Path, help="write {dataset: {x2: {psnr, ssim}}} here")
+    parser.add_argument("--json", type=Path, help="also write {dataset: {x2: {psnr, ssim}}} to this file "
+                        "(default: print only)")
     parser.set_defaults(run=_run_evaluate)
 
 
@@ -54,12 +61,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    summary = "write a model file as Keras 3 (.keras, extra 'keras') or ONNX (extra 'onnx')"
     parser = subparsers.add_parser(
-        "export", help="write a model file as Keras 3 (.keras, extra 'keras') or ONNX (extra 'onnx')"
+        "export", help=summary,
+        description=f"{summary}. The exported network takes the bicubic-upscaled luma Y/255 as (N, 1, H, W) "
+                    "(Keras: (N, H, W, 1)) and returns the HR luma, unclipped; the file records the source model's "
+                    "sha256 and training provenance. Written atomically.",
     )
     parser.add_argument("model", type=Path, metavar="MODEL", help="model file (vdsr.models.save_model)")
     parser.add_argument("--format", required=True, choices=["keras", "onnx"], help="output format")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output file (.keras for Keras)")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="output file, required (.keras for Keras, .onnx for ONNX)")
     parser.set_defaults(run=_run_export)
 
 
