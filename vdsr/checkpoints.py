@@ -84,8 +84,11 @@ def save_checkpoint(
     position: Position,
     history: list[dict[str, float]],
     extra: dict[str, Any] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> None:
-    """Everything needed to continue from ``position``, written atomically; ``extra``: the caller's."""
+    """Everything needed to continue from ``position``, written atomically; ``extra``: the caller's;
+    ``steps_per_epoch``: the steps of an epoch as run (``config.steps_per_epoch``, or floor(N / batch)
+    for 0), kept so that progress can be counted in steps (:mod:`vdsr.release`)."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -102,6 +105,8 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": rng_states(),
     }
+    if steps_per_epoch is not None:
+        payload["steps_per_epoch"] = int(steps_per_epoch)
     if ema is not None:  # the averaged weights (train.<name>.ema_decay > 0) and how many steps they average
         payload["ema"] = {"state": unwrapped_state_dict(ema.module), "n_averaged": int(ema.n_averaged.item())}
     save_atomic(path, payload)

@@ -1,4 +1,5 @@
-"""The model card of a release (``pretrained/MODEL_CARD.md``), its validation curve and provenance.
+"""The model card of a release (``pretrained/MODEL_CARD.md``; an SRCNN release's
+``pretrained/SRCNN_MODEL_CARD.md``), its validation curve and provenance.
 
 The card's table compares with the paper's Table 3 (:data:`vdsr.paper.TABLE3`, 291 training
 images) and states which targets of the CPU release are reached: above the paper's SRCNN on
@@ -20,6 +21,7 @@ from vdsr import paper
 from vdsr.io import write_text_atomic
 
 if TYPE_CHECKING:
+    from vdsr.models import ModelConfig
     from vdsr.release import Trained
 
 VDSR_91 = {"x2": 37.06, "x3": 33.27, "x4": 30.95}  # the paper's VDSR trained on 91 images, Set5
@@ -148,15 +150,18 @@ def _hours(seconds: float) -> str:
 
 
 def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[str, Any], model_path: Path,
-               digest: str) -> None:
-    """Write ``MODEL_CARD.md`` (atomically)."""
+               digest: str, curve: str = "val_psnr.png") -> None:
+    """Write ``MODEL_CARD.md`` (atomically) for the weights ``model_path`` (sha256 ``digest``);
+    ``curve``: the name of the validation curve beside it."""
     table, reached = results_rows(scores)
     config, tc = trained.config, trained.train_config
-    done, total = trained.steps_done, trained.total_steps
-    finished = done >= total
-    patches = done * int(tc["batch_size"])
-    status = "finished" if finished else f"in progress: {done:,} of {total:,} steps ({100 * done / total:.0f}%)"
+    status = "finished" if trained.finished else f"in progress: {trained.progress()}"
+    done = trained.steps_done
+    patches = (f"{done * int(tc['batch_size']):,} patches seen" if done is not None else
+               "patches seen not recorded (a one-pass epoch, `steps_per_epoch: 0`, of a checkpoint from "
+               "before the steps per epoch were recorded)")
     last = trained.history[-1] if trained.history else {}
+    title, architecture, use = _describe(config, model_path.name)
     runs = prov["runs"]
     run_lines = [
         f"| `{run_id}` | {info.get('name', '?')} | {_when(info.get('start'))} | {_when(info.get('end'))} | "
@@ -170,18 +175,17 @@ def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[
     prepare = prov.get("prepare") or {}
     trained_on = (f"{' + '.join(prepare.get('train_sets', ['?']))}, {prepare.get('patch_size', '?')}x"
                   f"{prepare.get('patch_size', '?')} patches at {'/'.join(f'x{s}' for s in prepare.get('scales', []))}")
-    text = f"""# VDSR {config.depth}x{config.width}, trained on a CPU (`{prov.get('preset') or 'custom recipe'}`)
+    text = f"""# {title}, trained on a CPU (`{prov.get('preset') or 'custom recipe'}`)
 
-The released weights of this project: `vdsr upscale` and `vdsr evaluate` use them when `--model`
-is omitted. Status: **{status}**. This card is written by `python -m vdsr.release publish`
+{use} Status: **{status}**. This card is written by `python -m vdsr.release publish`
 ({prov['published']}); do not edit it by hand.
 
 | | |
 |---|---|
 | file | `pretrained/{model_path.name}` ({size_mb:.1f} MB, sha256 `{digest}`), `torch.load(weights_only=True)` |
-| model | VDSR: {config.depth} conv layers 3x3x{config.width} + ReLU, residual (input + output), one model for x2, x3, x4 |
+| model | {architecture}, one model for x2, x3, x4 |
 | input / output | Y of BT.601 (MATLAB `rgb2ycbcr`) / 255, bicubic-upscaled (MATLAB `imresize`); Cb/Cr bicubic |
-| trained on | {trained_on} (params.yaml `prepare`), {patches:,} patches seen |
+| trained on | {trained_on} (params.yaml `prepare`), {patches} |
 | training time | {_hours(trained.position.elapsed_s)} of training and validation (runs summed, up to the last checkpoint) |
 | machine | {prov['machine']} |
 | data | train.h5 + val.h5 sha256 `{prov['data_id']}` |
@@ -200,7 +204,7 @@ Targets of the CPU release{_missing(scores)}:
 - goal, the paper's 91-image VDSR on Set5 (37.06 / 33.27 / 30.95): **{_yes(reached['goal'])}**
 - moonshot, the paper's VDSR on Set5 (37.53 / 33.66 / 31.35): **{_yes(reached['moonshot'])}**
 
-![validation PSNR against training time](val_psnr.png)
+![validation PSNR against training time]({curve})
 
 Validation (Set5, after each epoch) at the last epoch, {int(last.get('epoch', 0))}:
 {', '.join(f"{k.removeprefix('val_psnr_')} {v:.2f} dB" for k, v in last.items() if k.startswith('val_psnr_x')) or '-'}.{_after_epoch(trained.position.step)}
@@ -211,7 +215,7 @@ Validation (Set5, after each epoch) at the last epoch, {int(last.get('epoch', 0)
 in resumed runs: each stop writes a checkpoint, the next run continues it exactly.
 {_warm_text(warm)}
 
-Recipe (`train.vdsr` as trained):
+Recipe (`train.{config.name}` as trained):
 
 ```yaml
 {yaml.safe_dump(tc, sort_keys=False).strip()}
@@ -230,6 +234,20 @@ Data (md5 of DVC's `dvc.lock` in the training workspace):
 {recipe_notes.read_text().strip() if recipe_notes and recipe_notes.is_file() else ''}
 """
     write_text_atomic(path, text)
+
+
+def _describe(config: ModelConfig, file_name: str) -> tuple[str, str, str]:
+    """Title, architecture and use of the card, for the model kind (``config.name``)."""
+    if config.name == "vdsr":
+        return (f"VDSR {config.depth}x{config.width}",
+                f"VDSR: {config.depth} conv layers 3x3x{config.width} + ReLU, residual (input + output)",
+                "The released weights of this project: `vdsr upscale` and `vdsr evaluate` use them when `--model`\n"
+                "is omitted.")
+    return (f"SRCNN 9-5-5 ({config.width}-{config.width // 2})",
+            f"SRCNN 9-5-5: conv 9x9x{config.width}, 5x5x{config.width // 2}, 5x5x1, ReLU after the first two, "
+            "zero-padded, no residual (maps the bicubic input to HR)",
+            f"The project's SRCNN baseline: `vdsr upscale --model pretrained/{file_name}` and `vdsr evaluate\n"
+            f"--model pretrained/{file_name}` use it.")
 
 
 def _missing(scores: dict[str, Any]) -> str:

@@ -12,6 +12,15 @@ true fp32; :mod:`vdsr.evaluate`) on the test sets and, if they beat the weights 
 - ``pretrained/val_psnr.png``: validation PSNR against training hours;
 - ``pretrained/MODEL_CARD.md`` (:mod:`vdsr.model_card`).
 
+The four change together or not at all: they are written into a staging copy of ``pretrained/``
+that then takes its place in one step (:mod:`vdsr.atomic_dir`); a publish killed at any instant
+leaves the old set or the new one, and the next publish clears what a kill left behind.
+
+A release has one model kind (``ModelConfig.name``), the checkpoint's unless ``--kind`` says; a
+checkpoint of another kind is refused, ``--force`` or not. VDSR's files have the names above; an
+SRCNN release goes beside them as ``srcnn.pt``, ``srcnn_eval.json``, ``srcnn_val_psnr.png`` and
+``SRCNN_MODEL_CARD.md`` (:func:`release_files`), and each kind is compared with its own.
+
 ``python -m vdsr.release warm-start`` turns ``pretrained/vdsr.pt`` back into a training checkpoint
 at the position it was released at (weights, history and elapsed time; the optimizer starts fresh,
 the released file holds no optimizer state), so ``make release-cpu`` continues it on a new machine.
@@ -21,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vdsr import evaluate
+from vdsr import atomic_dir, evaluate
 from vdsr.checkpoints import CHECKPOINT_FORMAT, Position, history_of, position_of, save_checkpoint
 from vdsr.io import error_message, sha256_file, write_json_atomic
-from vdsr.models import ModelConfig, build_model, load_model, save_model
+from vdsr.models import MODELS, ModelConfig, build_model, load_model, save_model
 
 if TYPE_CHECKING:
     from vdsr.train import TrainConfig
@@ -45,6 +56,33 @@ MODEL_FILE, EVAL_FILE, CURVE_FILE, CARD_FILE = "vdsr.pt", "eval.json", "val_psnr
 SETS = ("Set5", "Set14", "B100", "Urban100")
 SCALES = (2, 3, 4)
 COMPARED_ON = "Set5"  # a release replaces the shipped one when its mean PSNR over SCALES here is higher
+PAUSE_ENV = "VDSR_RELEASE_PAUSE"  # tests only: "1" makes publish wait at each file boundary (see _boundary)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseFiles:
+    """The four files of one model kind's release, in the release folder (:func:`release_files`)."""
+
+    kind: str  # ModelConfig.name
+    model: str
+    eval: str
+    curve: str
+    card: str
+
+    @property
+    def names(self) -> tuple[str, str, str, str]:
+        return self.model, self.eval, self.curve, self.card
+
+
+def release_files(kind: str) -> ReleaseFiles:
+    """VDSR's release keeps its names (vdsr.pt, eval.json, val_psnr.png, MODEL_CARD.md); another
+    kind's are named after it (srcnn.pt, srcnn_eval.json, srcnn_val_psnr.png, SRCNN_MODEL_CARD.md)."""
+    if kind not in MODELS:
+        raise ValueError(f"release kind must be one of {', '.join(MODELS)}, got {kind!r}")
+    if kind == "vdsr":
+        return ReleaseFiles(kind, MODEL_FILE, EVAL_FILE, CURVE_FILE, CARD_FILE)
+    return ReleaseFiles(kind, f"{kind}.pt", f"{kind}_{EVAL_FILE}", f"{kind}_{CURVE_FILE}",
+                        f"{kind.upper()}_{CARD_FILE}")
 
 
 @dataclasses.dataclass
@@ -58,14 +96,43 @@ class Trained:
     history: list[dict[str, float]]
     data_id: str  # "<train.h5 sha256>+<val.h5 sha256>"
     extra: dict[str, Any]  # mlflow_runs, warm_start, ...
+    recorded_steps: int | None = None  # steps of an epoch as run (checkpoint key steps_per_epoch), if recorded
 
     @property
-    def total_steps(self) -> int:
-        return int(self.train_config["epochs"]) * int(self.train_config["steps_per_epoch"])
+    def epochs(self) -> int:
+        return int(self.train_config["epochs"])
 
     @property
-    def steps_done(self) -> int:
-        return self.position.epoch * int(self.train_config["steps_per_epoch"]) + self.position.step
+    def steps_per_epoch(self) -> int | None:
+        """The steps of one epoch: the recipe's ``steps_per_epoch``; for 0 (one pass over the N
+        patches, floor(N / batch_size) steps) the count the training recorded (the checkpoint's
+        ``steps_per_epoch``, written by :func:`vdsr.train.train`); None where neither is known
+        (a checkpoint written before the count was recorded)."""
+        return int(self.train_config.get("steps_per_epoch", 0)) or self.recorded_steps or None
+
+    @property
+    def total_steps(self) -> int | None:
+        steps = self.steps_per_epoch
+        return None if steps is None else self.epochs * steps
+
+    @property
+    def steps_done(self) -> int | None:
+        steps = self.steps_per_epoch
+        return None if steps is None else self.position.epoch * steps + self.position.step
+
+    @property
+    def finished(self) -> bool:
+        """All epochs of the recipe done (known without the steps per epoch)."""
+        return self.position.epoch >= self.epochs
+
+    def progress(self) -> str:
+        """``8 of 12 steps (67%)``; ``epoch 1 of 80 (1%)`` where the steps per epoch are not known."""
+        total, done = self.total_steps, self.steps_done
+        if total and done is not None:
+            return f"{done:,} of {total:,} steps ({100 * done / total:.0f}%)"
+        at = self.position
+        partial = f" and {at.step:,} steps of epoch {at.epoch + 1}" if at.step else ""
+        return f"epoch {at.epoch} of {self.epochs}{partial} ({100 * at.epoch / self.epochs:.0f}%)"
 
 
 def read_trained(path: Path, weights: str = "output") -> Trained:
@@ -90,14 +157,14 @@ def read_trained(path: Path, weights: str = "output") -> Trained:
         extra["weights"] = "averaged (ema_decay " + str(payload["train_config"].get("ema_decay")) + ")" if averaged else "raw"
         extra.setdefault("mlflow_runs", [extra["mlflow_run_id"]] if extra.get("mlflow_run_id") else [])
         return Trained(model.eval(), config, dict(payload["train_config"]), position_of(payload),
-                       history_of(payload), payload["data_id"], extra)
+                       history_of(payload), payload["data_id"], extra, payload.get("steps_per_epoch"))
     model, config, meta = load_model(path)
     record = meta.get("training") or _from_stage_meta(meta)
     if record is None:
         raise ValueError(f"{path}: a model file without its training record (meta 'training' or 'history')")
     position = Position(int(record["epoch"]), int(record["step"]), 0.0, float(record["elapsed_s"]))
     return Trained(model, config, dict(record["train_config"]), position, list(record["history"]),
-                   record["data_id"], dict(record["extra"]))
+                   record["data_id"], dict(record["extra"]), record.get("steps_per_epoch"))
 
 
 def _from_stage_meta(meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -115,7 +182,8 @@ def training_record(trained: Trained) -> dict[str, Any]:
     """Plain data for the model file's meta: what :func:`read_trained` and the warm start need."""
     return {"epoch": trained.position.epoch, "step": trained.position.step,
             "elapsed_s": trained.position.elapsed_s, "train_config": trained.train_config,
-            "history": trained.history, "data_id": trained.data_id, "extra": trained.extra}
+            "history": trained.history, "data_id": trained.data_id, "extra": trained.extra,
+            "steps_per_epoch": trained.recorded_steps}
 
 
 def evaluate_sets(model: torch.nn.Module, raw_dir: Path, sets: list[str], scales: list[int]) -> dict[str, Any]:
@@ -144,47 +212,94 @@ def set5_mean(table: dict[str, Any]) -> float | None:
 
 
 def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, force: bool = False,
-            preset: str | None = "release-cpu") -> bool:
-    """Evaluate ``source`` and, if it beats ``out_dir``'s release on Set5 (or ``force``), write the
-    release files there (each atomically; the model card last). Returns whether it did."""
+            preset: str | None = "release-cpu", kind: str | None = None) -> bool:
+    """Evaluate ``source`` and, if it beats ``out_dir``'s release of its kind on Set5 (or ``force``),
+    write that release's four files there, all at once (:func:`write_release`). Returns whether it did.
+
+    ``kind``: the release's model kind (default: the checkpoint's); ``ValueError`` if the checkpoint,
+    or the model file already released under that kind's name, is of another kind, ``force`` or not.
+    """
+    trained = read_trained(source)
+    kind = kind or trained.config.name
+    files = release_files(kind)
+    if trained.config.name != kind:
+        raise ValueError(f"{source}: a {trained.config.name} model ({trained.config}), not a {kind} release's "
+                         f"(--force does not change that); its own release is --kind {trained.config.name}, "
+                         f"{out_dir / release_files(trained.config.name).model}")
+    raw_dir = workspace / "data" / "raw"
+    log.info("release: %s (%s, %s) on %s", source, trained.config, trained.progress(), ", ".join(sets))
+    out_dir = out_dir.resolve()  # a link to the release folder: the folder is what gets replaced
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir.locked(out_dir):
+        for done in atomic_dir.recover(out_dir):
+            log.info("release: %s, left by an interrupted publish", done)
+        old = shipped_score(out_dir, files)
+        # The deciding set first, so that weights which do not beat the release cost only its ~20 s (on 2 cores).
+        ordered = sorted(sets, key=lambda name: name != COMPARED_ON)
+        scores = evaluate_sets(trained.model, raw_dir, ordered[:1], list(SCALES))
+        new = set5_mean(scores["model"])
+        if not force and old is not None and (new is None or new <= old):
+            log.info("release: Set5 mean %s dB does not beat the shipped %.3f dB; %s left as it is",
+                     f"{new:.3f}" if new is not None else "?", old, out_dir / files.model)
+            return False
+        if ordered[1:]:
+            more = evaluate_sets(trained.model, raw_dir, ordered[1:], list(SCALES))
+            for part, tables in more.items():
+                scores[part].update(tables)
+        write_release(out_dir, files, trained, scores, workspace, preset)
+    log.info("release: wrote %s in %s (Set5 mean %.3f dB, shipped before: %s)", ", ".join(files.names), out_dir,
+             new if new is not None else float("nan"), f"{old:.3f} dB" if old is not None else "none")
+    return True
+
+
+def shipped_score(out_dir: Path, files: ReleaseFiles) -> float | None:
+    """The Set5 mean of the release of ``files.kind`` in ``out_dir`` (None if there is none);
+    ``ValueError`` if its model file holds another kind (written before publish checked kinds)."""
+    model_path, eval_path = out_dir / files.model, out_dir / files.eval
+    if model_path.is_file():
+        shipped_kind = load_model(model_path)[1].name
+        if shipped_kind != files.kind:
+            raise ValueError(f"{model_path}: holds a {shipped_kind} model, not {files.kind}, so its scores are "
+                             f"not the {files.kind} release's; restore the file from git or remove it (with "
+                             f"{', '.join(files.names[1:])}) to publish a {files.kind} release there")
+    if not eval_path.is_file():
+        return None
+    return set5_mean(json.loads(eval_path.read_text())["model"])
+
+
+def write_release(out_dir: Path, files: ReleaseFiles, trained: Trained, scores: dict[str, Any], workspace: Path,
+                  preset: str | None) -> None:
+    """Write the model file, evaluation, curve and card of ``files`` into a staging copy of ``out_dir``
+    (its other files kept), then put it in ``out_dir``'s place in one step (:func:`vdsr.atomic_dir.replacing`).
+    Call under :func:`vdsr.atomic_dir.locked`, after :func:`vdsr.atomic_dir.recover`."""
     from vdsr import model_card
 
-    trained = read_trained(source)
-    raw_dir = workspace / "data" / "raw"
-    log.info("release: %s (%s, %d of %d steps) on %s", source, trained.config, trained.steps_done,
-             trained.total_steps, ", ".join(sets))
-    old = None
-    if (out_dir / EVAL_FILE).is_file():
-        import json
-
-        old = set5_mean(json.loads((out_dir / EVAL_FILE).read_text())["model"])
-    # The deciding set first, so that weights which do not beat the release cost only its ~20 s (on 2 cores).
-    ordered = sorted(sets, key=lambda name: name != COMPARED_ON)
-    scores = evaluate_sets(trained.model, raw_dir, ordered[:1], list(SCALES))
-    new = set5_mean(scores["model"])
-    if not force and old is not None and (new is None or new <= old):
-        log.info("release: Set5 mean %s dB does not beat the shipped %.3f dB; %s left as it is",
-                 f"{new:.3f}" if new is not None else "?", old, out_dir)
-        return False
-    if ordered[1:]:
-        more = evaluate_sets(trained.model, raw_dir, ordered[1:], list(SCALES))
-        for part, tables in more.items():
-            scores[part].update(tables)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / MODEL_FILE
-    provenance = model_card.provenance(workspace, trained, preset, model_path)
+    provenance = model_card.provenance(workspace, trained, preset, out_dir / files.model)
     last_run = next(reversed(provenance["runs"].items()), (None, {}))
-    save_model(model_path, trained.model, trained.config,
-               {"training": training_record(trained), "provenance": provenance, "params": trained.train_config,
-                "epochs": trained.position.epoch, "mlflow_run_id": last_run[0],
-                "git_commit": last_run[1].get("git.commit")})  # the last two as stages/train.py writes them
-    write_json_atomic(out_dir / EVAL_FILE, scores)
-    model_card.write_curve(trained.history, out_dir / CURVE_FILE)
-    model_card.write_card(out_dir / CARD_FILE, trained, scores, provenance, model_path, sha256_file(model_path))
-    log.info("release: wrote %s, %s, %s and %s (Set5 mean %.3f dB, shipped before: %s)", model_path,
-             out_dir / EVAL_FILE, out_dir / CURVE_FILE, out_dir / CARD_FILE, new if new is not None else float("nan"),
-             f"{old:.3f} dB" if old is not None else "none")
-    return True
+    with atomic_dir.replacing(out_dir, files.names, on_step=_boundary) as staging:
+        model_path = staging / files.model
+        save_model(model_path, trained.model, trained.config,
+                   {"training": training_record(trained), "provenance": provenance, "params": trained.train_config,
+                    "epochs": trained.position.epoch, "mlflow_run_id": last_run[0],
+                    "git_commit": last_run[1].get("git.commit")})  # the last two as stages/train.py writes them
+        _boundary(files.model)
+        write_json_atomic(staging / files.eval, scores)
+        _boundary(files.eval)
+        model_card.write_curve(trained.history, staging / files.curve)
+        _boundary(files.curve)
+        model_card.write_card(staging / files.card, trained, scores, provenance, model_path, sha256_file(model_path),
+                              curve=files.curve)
+        _boundary(files.card)
+
+
+def _boundary(point: str) -> None:
+    """A point of a publish where a kill must leave the release folder whole (after each file, and
+    :func:`vdsr.atomic_dir.replacing`'s steps). Tests only: with ``VDSR_RELEASE_PAUSE=1`` the
+    process says ``vdsr.release: paused at POINT`` on stderr and waits for a line on stdin, so that
+    a test can SIGKILL it exactly there (tests/test_release_atomic.py)."""
+    if os.environ.get(PAUSE_ENV) == "1":
+        print(f"vdsr.release: paused at {point}", file=sys.stderr, flush=True)
+        sys.stdin.readline()
 
 
 def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = None,
@@ -206,8 +321,8 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
     if checkpoint_path.exists():
         raise FileExistsError(f"{checkpoint_path}: a checkpoint exists already; training resumes from it")
     trained = read_trained(model_path)
-    if new_cycle is None and trained.steps_done >= trained.total_steps:
-        raise ValueError(f"{model_path}: a finished training ({trained.steps_done} of {trained.total_steps} steps), "
+    if new_cycle is None and trained.finished:
+        raise ValueError(f"{model_path}: a finished training ({trained.progress()}), "
                          "nothing to continue; `make release-cpu` trains the recipe again from scratch, and "
                          "`make release-cpu-v2` trains on from it with a new schedule")
     if prepared is not None:
@@ -229,8 +344,8 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
         config, history, position = new_cycle, [], Position()
         earlier = {"from": str(model_path.name), "sha256": sha256, "train_config": trained.train_config,
                    "epoch": trained.position.epoch, "step": trained.position.step,
-                   "elapsed_s": trained.position.elapsed_s, "history": trained.history,
-                   "mlflow_runs": trained.extra.get("mlflow_runs", []),
+                   "elapsed_s": trained.position.elapsed_s, "steps_per_epoch": trained.steps_per_epoch,
+                   "history": trained.history, "mlflow_runs": trained.extra.get("mlflow_runs", []),
                    "warm_starts": trained.extra.get("warm_starts", [])}
         extra = {"earlier": [*trained.extra.get("earlier", []), earlier],
                  "warm_start": {"from": str(model_path.name), "sha256": sha256, "at": str(trained.position),
@@ -239,7 +354,8 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint_path, model=trained.model, optimizer=make_optimizer(trained.model, config, torch.device("cpu")),
                     model_config=trained.config, config=config, data_id=trained.data_id, position=position,
-                    history=history, extra=extra)
+                    history=history, extra=extra,  # a new cycle's recipe counts its own steps:
+                    steps_per_epoch=trained.recorded_steps if new_cycle is None else None)
     log.info("warm start: wrote %s from %s at %s (fresh optimizer%s)", checkpoint_path, model_path, trained.position,
              "; a new cycle of its recipe from step 0" if new_cycle is not None else "")
     return position
@@ -270,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--out", type=Path, default=RELEASE_DIR)
     pub.add_argument("--preset", default="release-cpu", help="the preset the training ran ('' for none)")
     pub.add_argument("--force", action="store_true", help="write even if the shipped release is better")
+    pub.add_argument("--kind", choices=MODELS, help="the release's model kind (default: the checkpoint's; "
+                     "vdsr: pretrained/vdsr.pt, srcnn: pretrained/srcnn.pt); another kind is refused")
     warm = commands.add_parser("warm-start", help="a training checkpoint from the released weights")
     warm.add_argument("--model", type=Path, default=RELEASE_DIR / MODEL_FILE)
     warm.add_argument("--to", type=Path, default=Path("checkpoints/vdsr/last.pt"))
@@ -281,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "publish":
-            publish(args.source, args.workspace, args.out, args.sets, force=args.force, preset=args.preset or None)
+            publish(args.source, args.workspace, args.out, args.sets, force=args.force, preset=args.preset or None,
+                    kind=args.kind)
         else:
             warm_start(args.model, args.to, args.data,
                        preset_recipe(args.new_cycle) if args.new_cycle else None)

@@ -530,7 +530,7 @@ def train(
             if rank == 0 and checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, ema=ema, model_config=model_config,
                                 config=config, data_id=data_id, position=position, history=history,
-                                extra={**extra, **(checkpoint_extra or {})})
+                                extra={**extra, **(checkpoint_extra or {})}, steps_per_epoch=steps)
 
         run_start, run_steps, last_checkpoint, estimated = time.perf_counter(), 0, time.monotonic(), False
 
