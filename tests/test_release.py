@@ -196,3 +196,32 @@ def test_new_cycle_starts_a_new_recipe_from_the_released_weights(tiny_training, 
     assert raw.extra["weights"] == "raw" and averaged.extra["weights"].startswith("averaged")
     assert not all(torch.equal(a, b) for a, b in zip(averaged.model.state_dict().values(),
                                                       raw.model.state_dict().values()))
+
+
+def test_publish_of_a_new_cycle_shows_the_chain_the_averaging_and_the_self_ensemble(
+        tiny_training, small, tmp_path: Path, set5_dir: Path) -> None:  # noqa: F811
+    folder, whole = tiny_training
+    first = tmp_path / "first"
+    release.publish(folder / "whole.pt", workspace_with(set5_dir, tmp_path / "ws"), first, ["Set5"])
+    second = TrainConfig(**{**QUICK.__dict__, "lr": 3e-4, "epochs": 2, "ema_decay": 0.5})
+    checkpoint = tmp_path / "last.pt"
+    release.warm_start(first / release.MODEL_FILE, checkpoint, new_cycle=second)
+    lr, hr, validation = small
+    result = train(lr, hr, validation, TINY, second, device="cpu", progress=False, checkpoint_path=checkpoint,
+                   data_id="d")
+    out = tmp_path / "second"
+    assert release.publish(checkpoint, workspace_with(set5_dir, tmp_path / "ws2"), out, ["Set5"], force=True,
+                           preset="release-cpu-v2", self_ensemble_sets=["Set5"])
+    scores = json.loads((out / release.EVAL_FILE).read_text())
+    assert scores["weights"] == {"file": "vdsr.pt", "sha256": release.sha256_file(out / release.MODEL_FILE)}
+    plain, plus = scores["model"]["Set5"]["x2"]["psnr"], scores["self_ensemble"]["Set5"]["x2"]["psnr"]
+    assert plus != plain
+    card = (out / release.CARD_FILE).read_text()
+    assert "VDSR+ (x8 self-ensemble)" in card and f"**{plus:.2f} / " in card
+    assert "## The chain of trainings" in card and "| 1 | random init | adam 0.001" in card
+    assert "| 2 | cycle 1's weights (`vdsr.pt`" in card and "ema 0.5" in card
+    assert "## Weight averaging" in card and "averaged minus raw" in card
+    last = result.history[-1]
+    assert f"| 2 | {last['val_psnr_x2']:.2f} | {last['val_psnr_raw_x2']:.2f} | " in card  # epoch 2: averaged, raw
+    assert "make release-cpu-v2" in card and "of the earlier cycles it was warm-started from" in card
+    assert (out / release.CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

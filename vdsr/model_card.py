@@ -95,20 +95,33 @@ def _prepare_params(workspace: Path) -> dict[str, Any]:
         return {}
 
 
-def write_curve(history: list[dict[str, float]], path: Path) -> None:
-    """Validation PSNR (Set5, dB) of each scale against training hours, as PNG (matplotlib, Agg)."""
+def write_curve(history: list[dict[str, float]], path: Path, earlier: list[dict[str, Any]] = ()) -> None:
+    """Validation PSNR (Set5, dB) of each scale against training hours, as PNG (matplotlib, Agg).
+
+    ``earlier``: the trainings this one continues (a checkpoint's ``extra["earlier"]``, oldest first),
+    drawn before it on one time axis, each new cycle marked by a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
-    hours = [row.get("elapsed_s", 0.0) / 3600 for row in history]
-    for key in sorted(k for k in (history[0] if history else {}) if k.startswith("val_psnr_x")):
+    cycles = [*(list(part["history"]) for part in earlier), history]
+    offsets = [0.0]
+    for part in earlier:
+        offsets.append(offsets[-1] + float(part.get("elapsed_s", 0.0)) / 3600)
+    keys = sorted({k for rows in cycles for row in rows[:1] for k in row if k.startswith("val_psnr_x")})
+    for key in keys:
         scale = key.removeprefix("val_psnr_")
-        axes.plot(hours, [row[key] for row in history], marker="o", label=f"{scale} (ours)")
+        hours = [offset + row.get("elapsed_s", 0.0) / 3600 for offset, rows in zip(offsets, cycles) for row in rows]
+        values = [row.get(key, float("nan")) for rows in cycles for row in rows]
+        axes.plot(hours, values, marker="o", markersize=3, label=f"{scale} (ours)")
         srcnn = paper.TABLE3["Set5"][scale]["srcnn"][0]
         axes.axhline(srcnn, linestyle=":", linewidth=1, color=axes.lines[-1].get_color())
+    for number, offset in enumerate(offsets[1:], start=2):
+        axes.axvline(offset, linestyle="--", linewidth=1, color="gray")
+        axes.annotate(f"cycle {number}", (offset, 0.02), xycoords=("data", "axes fraction"), fontsize=8,
+                      xytext=(3, 0), textcoords="offset points")
     axes.set_xlabel("training time (hours, this CPU)")
     axes.set_ylabel("Set5 validation PSNR (dB)")
     axes.set_title("Validation PSNR after each epoch; dotted: the paper's SRCNN")
@@ -120,6 +133,79 @@ def write_curve(history: list[dict[str, float]], path: Path) -> None:
     figure.savefig(tmp)
     plt.close(figure)
     tmp.replace(path)
+
+
+def plus_rows(scores: dict[str, Any], kind: str) -> str:
+    """The x8 self-ensemble's own table ("VDSR+"), beside the plain model and the paper; empty if unmeasured."""
+    plus = scores.get("self_ensemble") or {}
+    if not plus:
+        return ""
+    name = f"{kind.upper()}+ (x8 self-ensemble)"
+    lines = [f"| set | scale | this model, plain | **{name}** | gain | {kind.upper()} (paper) | vs paper |",
+             "|---|---|---|---|---|---|---|"]
+    for dataset, by_scale in plus.items():
+        for scale, ours in by_scale.items():
+            plain = scores["model"].get(dataset, {}).get(scale)
+            ref = paper.TABLE3[dataset][scale][kind]
+            lines.append(f"| {dataset} | {scale} | {_score(plain)} | **{_score(ours)}** | "
+                         f"{ours['psnr'] - plain['psnr'] if plain else float('nan'):+.2f} | "
+                         f"{ref[0]:.2f} / {ref[1]:.4f} | {ours['psnr'] - ref[0]:+.2f} |")
+    skipped = [name for name in scores["model"] if name not in plus]
+    note = f" Not measured on {', '.join(skipped)} (8x the evaluation time)." if skipped else ""
+    return (f"\n\n{name}: the same weights averaged over the 8 flips/rotations of each image at inference "
+            f"(`vdsr evaluate --self-ensemble`; 8x the time), reported on its own.{note}\n\n" + "\n".join(lines))
+
+
+def _score(entry: dict[str, float] | None) -> str:
+    return f"{entry['psnr']:.2f} / {entry['ssim']:.4f}" if entry else "-"
+
+
+def chain_text(trained: Trained, prov: dict[str, Any]) -> str:
+    """The trainings these weights went through, oldest first: each cycle's recipe, steps, hours, last
+    validation and MLflow runs (a checkpoint's ``extra["earlier"]``, then this one). Empty for one cycle."""
+    earlier = trained.extra.get("earlier") or []
+    if not earlier:
+        return ""
+    lines = ["| cycle | starts from | recipe | steps | hours | Set5 at its end (x2 / x3 / x4) | MLflow runs |",
+             "|---|---|---|---|---|---|---|"]
+    parts = [*earlier, {"train_config": trained.train_config, "history": trained.history,
+                        "elapsed_s": trained.position.elapsed_s, "mlflow_runs": trained.extra.get("mlflow_runs", []),
+                        "steps": trained.steps_done}]
+    for number, part in enumerate(parts, start=1):
+        tc, last = part["train_config"], (part["history"] or [{}])[-1]
+        source = earlier[number - 2] if number > 1 else None  # the release this cycle was warm-started from
+        start = (f"cycle {number - 1}'s weights (`{source['from']}`, sha256 {source['sha256'][:12]})" if source
+                 else "random init")
+        recipe = (f"{tc.get('optimizer')} {tc.get('lr')}, {tc.get('lr_schedule')} to {tc.get('min_lr')}, "
+                  f"{tc.get('epochs')} x {tc.get('steps_per_epoch')} steps of {tc.get('batch_size')}, {tc.get('loss')}"
+                  + (f", ema {tc['ema_decay']}" if tc.get("ema_decay") else ""))
+        steps = part.get("steps")
+        if steps is None:
+            steps = int(part.get("epoch", 0)) * int(tc.get("steps_per_epoch") or 0) + int(part.get("step", 0))
+        val = " / ".join(f"{last[k]:.2f}" for k in sorted(last) if k.startswith("val_psnr_x")) or "-"
+        lines.append(f"| {number} | {start} | {recipe} | {steps:,} | {_hours(float(part.get('elapsed_s', 0.0)))} | "
+                     f"{val} | {len(part.get('mlflow_runs') or [])} |")
+    total = sum(float(part.get("elapsed_s", 0.0)) for part in parts)
+    return ("\n\n## The chain of trainings\n\nThese weights are the last of several cycles, each warm-started from "
+            "the one before (`python -m vdsr.release warm-start --new-cycle`; a fresh optimizer each time), "
+            f"{_hours(total)} of training in all:\n\n" + "\n".join(lines))
+
+
+def averaging_text(history: list[dict[str, float]]) -> str:
+    """Raw against averaged weights after each epoch (Set5), when the recipe kept a moving average."""
+    rows = [row for row in history if any(k.startswith("val_psnr_raw_x") for k in row)]
+    if not rows:
+        return ""
+    scales = sorted(k.removeprefix("val_psnr_raw_") for k in rows[0] if k.startswith("val_psnr_raw_x"))
+    lines = ["| epoch | averaged weights " + " / ".join(scales) + " | raw weights | averaged minus raw |",
+             "|---|---|---|---|"]
+    for row in rows:
+        avg = [row[f"val_psnr_{s}"] for s in scales]
+        raw = [row[f"val_psnr_raw_{s}"] for s in scales]
+        lines.append(f"| {int(row['epoch'])} | {' / '.join(f'{v:.2f}' for v in avg)} | "
+                     f"{' / '.join(f'{v:.2f}' for v in raw)} | {' / '.join(f'{a - r:+.3f}' for a, r in zip(avg, raw))} |")
+    return ("\n\n## Weight averaging\n\nThe recipe keeps a moving average of the weights (`ema_decay`); the "
+            "released weights are the averaged ones. Set5 validation of both, after each epoch:\n\n" + "\n".join(lines))
 
 
 def results_rows(scores: dict[str, Any]) -> tuple[str, dict[str, bool]]:
@@ -186,7 +272,7 @@ def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[
 | model | {architecture}, one model for x2, x3, x4 |
 | input / output | Y of BT.601 (MATLAB `rgb2ycbcr`) / 255, bicubic-upscaled (MATLAB `imresize`); Cb/Cr bicubic |
 | trained on | {trained_on} (params.yaml `prepare`), {patches} |
-| training time | {_hours(trained.position.elapsed_s)} of training and validation (runs summed, up to the last checkpoint) |
+| training time | {_hours(trained.position.elapsed_s)} of training and validation (runs summed, up to the last checkpoint){_earlier_hours(trained)} |
 | machine | {prov['machine']} |
 | data | train.h5 + val.h5 sha256 `{prov['data_id']}` |
 
@@ -196,7 +282,7 @@ PSNR (dB) / SSIM on Y, `scale` pixels shaved, evaluated in fp32 with this projec
 bicubic column reproduces the paper's to 0.01 dB where the image sets are the same). The paper's
 columns are its Table 3 (291 training images, 80 epochs on a GPU).
 
-{table}
+{table}{plus_rows(scores, config.name)}
 
 Targets of the CPU release{_missing(scores)}:
 
@@ -211,9 +297,9 @@ Validation (Set5, after each epoch) at the last epoch, {int(last.get('epoch', 0)
 
 ## How it was trained
 
-`make release-cpu` (`presets/{prov.get('preset')}.yaml` applied to `params.yaml` with `dvc exp run -S`),
+`make {prov.get('preset') or 'release-cpu'}` (`presets/{prov.get('preset')}.yaml` applied to `params.yaml` with `dvc exp run -S`),
 in resumed runs: each stop writes a checkpoint, the next run continues it exactly.
-{_warm_text(warm)}
+{_warm_text(warm)}{chain_text(trained, prov)}{averaging_text(trained.history)}
 
 Recipe (`train.{config.name}` as trained):
 
@@ -234,6 +320,14 @@ Data (md5 of DVC's `dvc.lock` in the training workspace):
 {recipe_notes.read_text().strip() if recipe_notes and recipe_notes.is_file() else ''}
 """
     write_text_atomic(path, text)
+
+
+def _earlier_hours(trained: Trained) -> str:
+    earlier = trained.extra.get("earlier") or []
+    if not earlier:
+        return ""
+    before = sum(float(part.get("elapsed_s", 0.0)) for part in earlier)
+    return f", after {_hours(before)} of the earlier cycles it was warm-started from (the chain below)"
 
 
 def _describe(config: ModelConfig, file_name: str) -> tuple[str, str, str]:

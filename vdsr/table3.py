@@ -46,12 +46,16 @@ class Release:
 
 
 def shipped_releases(root: Path = ROOT) -> list[Release]:
-    """The releases present under ``root/pretrained``, SRCNN first (the paper's column order)."""
-    candidates = [Release("srcnn", root / "pretrained/srcnn.pt", root / "pretrained/srcnn_eval.json",
-                          root / "pretrained/SRCNN_MODEL_CARD.md"),
-                  Release("vdsr", root / "pretrained/vdsr.pt", root / "pretrained/eval.json",
-                          root / "pretrained/MODEL_CARD.md")]
-    return [release for release in candidates if release.weights.is_file()]
+    """The releases present under ``root/pretrained``, SRCNN first (the paper's column order); file
+    names as :func:`vdsr.release.release_files` gives them."""
+    from vdsr.release import release_files
+
+    releases = []
+    for kind in ("srcnn", "vdsr"):
+        files = release_files(kind)
+        folder = root / "pretrained"
+        releases.append(Release(kind, folder / files.model, folder / files.eval, folder / files.card))
+    return [release for release in releases if release.weights.is_file()]
 
 
 def recorded_sha256(release: Release, scores: dict[str, Any]) -> str | None:
