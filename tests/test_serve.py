@@ -247,6 +247,8 @@ def test_logged_model_holds_no_machine_path_or_secret(served) -> None:
     assert {"MLmodel", "requirements.txt", "python_env.yaml", "serve_model.py", "code/vdsr/serve.py",
             "artifacts/vdsr.pt"} <= names, names
     assert not any(name.endswith((".pkl", ".pyc")) for name in names), names  # nothing pickled, no bytecode
+    code = {name.removeprefix("code/vdsr/") for name in names if name.startswith("code/")}
+    assert code == {p.name for p in (REPO_ROOT / "vdsr").glob("*.py")}, code  # the package's sources, nothing else
     assert (model_dir / "artifacts" / "vdsr.pt").read_bytes() == RELEASED.read_bytes()
     home = str(Path.home())
     forbidden = [str(store), str(REPO_ROOT), sys.prefix, tempfile.gettempdir() + "/vdsr-", SECRET]

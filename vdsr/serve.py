@@ -35,6 +35,7 @@ import base64
 import binascii
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -219,6 +220,17 @@ def _shown_path(path: Path, root: Path) -> str:
         return Path(path).name
 
 
+def _package_source(folder: Path) -> Path:
+    """A copy of this package's ``*.py`` files in ``folder/vdsr``: the model's code, without the
+    bytecode or any other file a checkout's ``vdsr/`` may hold."""
+    source = Path(__file__).resolve().parent
+    target = folder / source.name
+    target.mkdir()
+    for path in sorted(source.glob("*.py")):
+        shutil.copyfile(path, target / path.name)
+    return target
+
+
 def _drop_source_path(saved: Path) -> None:
     """Keep only the file name of the model's code file in ``saved``'s ``MLmodel``.
 
@@ -278,14 +290,13 @@ def register_model(model_path: Path, name: str, *, alias: str = DEFAULT_ALIAS, r
     tags = {**tracking.reproducibility_tags(repo_root), "vdsr.weights.file": _shown_path(model_path, repo_root),
             "vdsr.weights.sha256": sha256_file(model_path), "vdsr.registered_model": name,
             "mlflow.source.name": "vdsr register"}  # MLflow's default: the absolute path of the script
-    package = Path(__file__).resolve().parent
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"register {name}", tags=tags,
                           nested=mlflow.active_run() is not None) as run:
         mlflow.log_params({"model.name": config.name, "model.depth": config.depth, "model.width": config.width,
                            **{f"serve.{key}": value for key, value in model_config.items()}})
         mlflow.log_artifact(str(model_path), WEIGHTS)
         with tempfile.TemporaryDirectory(prefix="vdsr-register-") as folder:
-            saved = Path(folder) / tracking.MODEL_NAME
+            package, saved = _package_source(Path(folder)), Path(folder) / tracking.MODEL_NAME
             mlflow.pyfunc.save_model(
                 saved,
                 python_model=str(package / "serve_model.py"),  # models from code: nothing pickled
