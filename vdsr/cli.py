@@ -1,5 +1,6 @@
 """The vdsr command: evaluate a model on a folder of images, upscale your own pictures, export a
-model file to Keras 3 or ONNX. Library code: no DVC needed (the pipeline is `dvc repro`)."""
+model file to Keras 3 or ONNX, register it in MLflow for serving. Library code: no DVC needed (the
+pipeline is `dvc repro`)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,61 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "register", help="log a model file as an MLflow pyfunc model, register it and alias it "
+        "(then: mlflow models serve -m models:/NAME@champion; docs/serving.md)"
+    )
+    parser.add_argument("model", nargs="?", type=Path, metavar="MODEL",
+                        help="model file (default: the released weights, pretrained/vdsr.pt)")
+    parser.add_argument("--name", default="vdsr", help="registered model name (default: vdsr)")
+    parser.add_argument("--alias", default="champion", help="alias set on the new version (default: champion)")
+    parser.add_argument("--max-pixels", type=int,
+                        help="the served model refuses images declaring more pixels, with HTTP 400 "
+                        "(default: 4,000,000, vdsr.serve.SERVE_MAX_PIXELS)")
+    parser.set_defaults(run=_run_register)
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException  # mlflow is imported only here
+
+    from vdsr.serve import register_model
+    from vdsr.upscale import model_or_released
+
+    try:
+        limits = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+        done = register_model(model_or_released(args.model), args.name, alias=args.alias, repo_root=Path.cwd(),
+                              **limits)
+    except MlflowException as error:
+        print(f"vdsr register: error: MLflow: {error.message}", file=sys.stderr)
+        return 2
+    moved = f" (was version {done.previous})" if done.previous and done.previous != done.version else ""
+    log.info("registered model %r version %s from run %s; alias %r -> version %s%s", done.name, done.version,
+             done.run_id, done.alias, done.version, moved)
+    log.info("serve it: MLFLOW_TRACKING_URI=%s mlflow models serve -m 'models:/%s@%s' --env-manager local "
+             "-h 127.0.0.1 -p 5001", _shown_uri(done.tracking_uri), done.name, done.alias)
+    return 0
+
+
+def _shown_uri(uri: str) -> str:
+    """``uri`` for a log line: a SQLite store under the current folder as ``sqlite:///<relative path>``,
+    a server's without its user and password."""
+    import urllib.parse
+
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        try:
+            return prefix + Path(uri[len(prefix):]).resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        return urllib.parse.urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+    return uri
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdsr", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_upscale_arguments(subparsers.add_parser("upscale", help="super-resolve your own images"))
     _add_export(subparsers)
+    _add_register(subparsers)
     return parser
 
 
