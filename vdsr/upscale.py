@@ -5,27 +5,33 @@ Colour is handled as in SRCNN's and VDSR's demos: the image goes to YCbCr (MATLA
 ``Y`` is then replaced by the network's estimate; Cb and Cr stay bicubic. Grayscale images are
 their own ``Y``. Alpha is resized bicubic, like Cb/Cr. Everything runs in float64 on the [0, 1]
 scale: 16-bit PNGs keep their full precision and are written back as 16-bit PNGs, 8-bit images
-as 8-bit PNGs.
+as 8-bit PNGs. EXIF orientation is applied (the output is upright and has no orientation tag) and
+an ICC profile is carried over.
 
 The network sees the image in tiles with an overlap of at least its receptive-field radius, and
 only each tile's interior is kept. Every output pixel then sees exactly the input it sees in
 one whole-image pass -- at the image border both use the model's zero padding -- so the result
-equals whole-image inference, with memory bounded by the tile size.
+equals whole-image inference. A file is upscaled one row of tiles at a time
+(:func:`upscale_source`): the bicubic planes of that band (and the rows its tiles' overlap reaches),
+the network's tiles, the colour conversion and the PNG rows (:class:`vdsr.png.PngWriter`), so
+memory is bounded by the tile and the picture's width, whatever its height; only the input's
+samples are held whole, as stored (uint8 or uint16). Each step computes, value for value, what the
+whole-image path (:func:`upscale_picture`, :func:`write_picture`) computes: the output is identical.
 
 Pillow reads 16-bit RGB(A) PNGs as 8-bit. We decode such files twice with Pillow's own PNG
-decoder, unpacking the high and then the low byte of every sample, and write 16-bit colour PNGs
-with a small encoder (:func:`write_png16`), since Pillow has no 16-bit colour modes.
+decoder, unpacking the high and then the low byte of every sample; 16-bit colour PNGs are written
+by :mod:`vdsr.png`, since Pillow has no 16-bit colour modes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
-import struct
 import sys
-import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +43,8 @@ from vdsr.color import rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import Upscaler
 from vdsr.images import ImageError
 from vdsr.io import atomic_path
-from vdsr.resize import imresize
+from vdsr.png import PngWriter, write_png
+from vdsr.resize import _resize_axis0, contributions, imresize, output_size
 
 if TYPE_CHECKING:  # torch is imported only when a model is used (``vdsr evaluate --model bicubic``)
     import torch
@@ -48,9 +55,10 @@ log = logging.getLogger(__name__)
 PRETRAINED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "vdsr.pt"
 DEFAULT_TILE = 512  # tile side in pixels of the network input; 0: the whole image at once
 # Largest input accepted, in pixels, checked on the declared size before decoding (decompression
-# bombs). The colour path holds the whole upscaled image in float64: 16 Mpx at x4 is ~6 GB.
+# bombs). Memory is bounded by the tile, so this guards the decoded input (16 Mpx RGB: 48 MB).
 DEFAULT_MAX_PIXELS = 16_000_000
 SCALES = (2, 3, 4)
+CHUNK_ROWS = 64  # output rows resized / colour-converted at once inside a band: bounds the temporaries
 
 
 # --- devices and the network --------------------------------------------------------------------
@@ -83,6 +91,80 @@ def receptive_radius(model: torch.nn.Module) -> int:
     return radius
 
 
+def checked_overlap(model: torch.nn.Module, tile: int, overlap: int | None, precision: str) -> int:
+    """The overlap to use (default: the receptive-field radius); ValueError for values that would
+    make tiled differ from whole-image inference, a negative tile or an unknown precision."""
+    radius = receptive_radius(model)
+    overlap = radius if overlap is None else overlap
+    if overlap < radius:
+        raise ValueError(
+            f"overlap {overlap} is below the model's receptive-field radius {radius}: "
+            "tile seams would differ from whole-image inference"
+        )
+    if tile < 0:
+        raise ValueError(f"tile must be >= 0 (0: no tiling), got {tile}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    return overlap
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile of :func:`tile_grid`: the output box ``top:bottom, left:right`` and the window
+    ``t0:b0, l0:r0`` the network sees (the box plus the overlap, clipped at the image border)."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+    t0: int
+    l0: int
+    b0: int
+    r0: int
+
+
+def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[list[Tile]]:
+    """Rows of tiles of side ``tile`` (0: one tile) over a (height, width) image, top to bottom,
+    left to right, each with ``overlap`` pixels of context."""
+    tile = tile or max(height, width)
+    rows = []
+    for top in range(0, height, tile):
+        row = []
+        for left in range(0, width, tile):
+            bottom, right = min(top + tile, height), min(left + tile, width)
+            t0, l0 = max(top - overlap, 0), max(left - overlap, 0)
+            b0, r0 = min(bottom + overlap, height), min(right + overlap, width)
+            row.append(Tile(top, left, bottom, right, t0, l0, b0, r0))
+        rows.append(row)
+    return rows
+
+
+def run_tile(
+    model: torch.nn.Module, y32: np.ndarray, tile: Tile, device: torch.device, row0: int = 0
+) -> np.ndarray:
+    """The network's float32 estimate inside ``tile``'s box, from its window of the float32 luma
+    ``y32``, which holds the image's rows from ``row0`` on, at full width. Call under
+    :func:`network_numerics`."""
+    import torch
+
+    window = torch.from_numpy(y32[tile.t0 - row0 : tile.b0 - row0, tile.l0 : tile.r0]).to(device)[None, None]
+    inner = (slice(tile.top - tile.t0, tile.bottom - tile.t0), slice(tile.left - tile.l0, tile.right - tile.l0))
+    estimate = model(window)[0, 0][inner]
+    return estimate.float().cpu().numpy()
+
+
+@contextlib.contextmanager
+def network_numerics(device: torch.device, precision: str) -> Iterator[None]:
+    """Inference mode plus ``precision``: ``fp32`` exact (:func:`vdsr.runtime.exact_fp32`) or ``bf16`` autocast."""
+    import torch
+
+    from vdsr.runtime import exact_fp32
+
+    numerics = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else exact_fp32(device)
+    with torch.inference_mode(), numerics:
+        yield
+
+
 def predict_y(
     model: torch.nn.Module,
     y: np.ndarray,
@@ -103,39 +185,17 @@ def predict_y(
     """
     import torch
 
-    from vdsr.runtime import exact_fp32
-
     if y.ndim != 2:
         raise ValueError(f"predict_y expects a (H, W) luma array, got shape {y.shape}")
-    radius = receptive_radius(model)
-    overlap = radius if overlap is None else overlap
-    if overlap < radius:
-        raise ValueError(
-            f"overlap {overlap} is below the model's receptive-field radius {radius}: "
-            "tile seams would differ from whole-image inference"
-        )
-    if tile < 0:
-        raise ValueError(f"tile must be >= 0 (0: no tiling), got {tile}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    overlap = checked_overlap(model, tile, overlap, precision)
     device = torch.device(device)
     height, width = y.shape
-    tile = tile or max(height, width)
     y32 = np.ascontiguousarray(y, dtype=np.float32)
     out = np.empty((height, width), dtype=np.float32)
-    if precision == "bf16":
-        numerics = torch.autocast(device.type, dtype=torch.bfloat16)
-    else:
-        numerics = exact_fp32(device)
-    with torch.inference_mode(), numerics:
-        for top in range(0, height, tile):
-            for left in range(0, width, tile):
-                bottom, right = min(top + tile, height), min(left + tile, width)
-                t0, l0 = max(top - overlap, 0), max(left - overlap, 0)  # the tile plus its margin
-                b0, r0 = min(bottom + overlap, height), min(right + overlap, width)
-                window = torch.from_numpy(y32[t0:b0, l0:r0]).to(device)[None, None]  # (1, 1, h, w)
-                estimate = model(window)[0, 0, top - t0 : bottom - t0, left - l0 : right - l0]
-                out[top:bottom, left:right] = estimate.float().cpu().numpy()
+    with network_numerics(device, precision):
+        for row in tile_grid(height, width, tile, overlap):
+            for box in row:
+                out[box.top : box.bottom, box.left : box.right] = run_tile(model, y32, box, device)
     return out.astype(np.float64)
 
 
@@ -185,22 +245,36 @@ def model_upscaler(model: torch.nn.Module, device: torch.device, *, tile: int = 
     return upscaler
 
 
-# --- colour -------------------------------------------------------------------------------------
+@dataclass
+class Network:
+    """A loaded model as ``vdsr upscale`` runs it: on ``device``, in tiles of side ``tile`` (0: one)
+    with ``overlap`` pixels of context (at least the receptive-field radius), at ``precision``."""
+
+    model: torch.nn.Module
+    device: torch.device
+    tile: int
+    overlap: int
+    precision: str
+
+    def channels(self) -> int:
+        """The widest layer's output channels: what the activations of a window scale with."""
+        return max((getattr(m, "out_channels", 1) for m in self.model.modules()), default=1)
+
+
+# --- colour, whole images in memory -------------------------------------------------------------
 
 
 def upscale_pixels(pixels: np.ndarray, scale: int, luma: Upscaler) -> np.ndarray:
     """Upscale (H, W) gray or (H, W, 3) RGB float on [0, 1] by ``scale``: ``luma`` for Y, bicubic for CbCr.
 
-    Returns float64 (sH, sW[, 3]) on [0, 1], clipped.
+    Returns float64 (sH, sW[, 3]) on [0, 1], clipped. The whole image at once; ``vdsr upscale``
+    computes the same values band by band (:func:`upscale_source`).
     """
     if pixels.ndim == 2:
         return np.clip(luma(imresize(pixels, float(scale)), scale), 0.0, 1.0)
     ycbcr = imresize(rgb2ycbcr(pixels), float(scale))  # (sH, sW, 3); Cb, Cr stay bicubic
     ycbcr[..., 0] = luma(ycbcr[..., 0], scale)
     return np.clip(ycbcr2rgb(ycbcr), 0.0, 1.0)
-
-
-# --- image files --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -213,34 +287,66 @@ class Picture:
     bits: int
 
 
-def _png_16bit_samples(image: Image.Image, path: Path) -> np.ndarray | None:
-    """uint16 (H, W, C) samples of a 16-bit colour or gray+alpha PNG, which Pillow reads as 8 bits.
+def upscale_picture(picture: Picture, scale: int, luma: Upscaler) -> Picture:
+    """Upscale colour (Y by ``luma``, CbCr bicubic) and alpha (bicubic, clipped), the whole image at once."""
+    alpha = None if picture.alpha is None else np.clip(imresize(picture.alpha, float(scale)), 0.0, 1.0)
+    return Picture(upscale_pixels(picture.pixels, scale, luma), alpha, picture.bits)
 
-    ``image``: opened, not yet loaded (loading clears ``image.tile``). None for other files.
-    """
-    if image.format != "PNG" or len(image.tile) != 1:
-        return None
-    tile = image.tile[0]
-    rawmode = tile.args if isinstance(tile.args, str) else tile.args[0]
-    if rawmode in ("RGB;16B", "RGBA;16B"):  # decode twice: high bytes, then low bytes
-        image.load()
-        high = np.asarray(image, dtype=np.uint16)
-        with Image.open(path) as again:
-            again.tile = [tile._replace(args=rawmode.replace(";16B", ";16L"))]
-            again.load()
-            low = np.asarray(again, dtype=np.uint16)
-        return high << 8 | low
-    if rawmode == "LA;16B":  # 4 bytes a pixel: decode them as raw RGBA bytes (L hi, L lo, A hi, A lo)
-        with Image.open(path) as again:
-            again.tile = [tile._replace(args="RGBA")]
-            again.load()
-            raw = np.asarray(again, dtype=np.uint16)
-        return np.stack([raw[..., 0] << 8 | raw[..., 1], raw[..., 2] << 8 | raw[..., 3]], axis=-1)
-    return None
+
+# --- image files --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file's header says of the picture :func:`read_source` returns: ``width`` x ``height``
+    as stored (EXIF orientation, read with the pixels, may swap them), samples per pixel
+    (1 gray, 2 gray + alpha, 3 RGB, 4 RGBA) and bits per sample (8 or 16)."""
+
+    width: int
+    height: int
+    channels: int
+    bits: int
+
+
+@dataclass
+class Source:
+    """A decoded picture, upright, as stored: ``samples`` (H, W, C) uint8 (``bits`` 8) or uint16
+    (``bits`` 16), C as :class:`Header`; ``icc``: its ICC profile, when it suits the output."""
+
+    samples: np.ndarray
+    bits: int
+    icc: bytes | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.samples.shape[2]
+
+    @property
+    def top(self) -> float:
+        """The sample value of 1.0."""
+        return 65535.0 if self.bits == 16 else 255.0
+
+
+@contextlib.contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """Turn what Pillow raises for a bad file into :class:`vdsr.images.ImageError` naming ``path``."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path}: too large ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageError(f"{path}: not a readable image ({error})") from None
 
 
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
-    """``Image.open`` (header only), refusing a declared size over ``max_pixels`` before any decoding."""
+    """``Image.open`` (header only), refusing a declared size over ``max_pixels`` before any decoding
+    and files of several frames (animations, multi-page TIFFs: which one would be meant?)."""
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our limit replaces Pillow's
     try:
         image = Image.open(path)
@@ -253,106 +359,326 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
             f"{path}: declares {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
             "(--max-pixels); refused before decoding"
         )
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO":  # MPO: a camera JPEG whose first frame is the picture
+        image.close()
+        raise ImageError(
+            f"{path}: has {frames} frames (an animation or a multi-page file); vdsr upscale takes single "
+            "pictures: save the frame you want as its own file"
+        )
     return image
 
 
-def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
-    """Read an image file for upscaling; :class:`vdsr.images.ImageError` naming the file if it cannot.
+def _decoding(image: Image.Image, path: Path) -> tuple[str, int, int]:
+    """How :func:`read_source` decodes ``image`` (opened, not loaded): ``png16`` (16-bit colour or
+    gray + alpha PNG), ``int16`` (16- or 32-bit gray) or the Pillow mode to convert to; with the
+    samples per pixel and bits per sample it gives."""
+    if image.format == "PNG" and len(image.tile) == 1:
+        args = image.tile[0].args
+        rawmode = args if isinstance(args, str) else args[0]
+        if rawmode in ("RGB;16B", "RGBA;16B", "LA;16B"):
+            return "png16", {"RGB;16B": 3, "RGBA;16B": 4, "LA;16B": 2}[rawmode], 16
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return "int16", 1, 16
+    if mode == "F":
+        raise ImageError(f"{path}: floating-point images (mode F) are not supported")
+    if mode == "P":
+        mode = "RGBA" if "transparency" in image.info else "RGB"
+    elif mode in ("1", "L"):
+        mode = "L"
+    elif mode in ("LA", "La"):
+        mode = "LA"
+    elif mode not in ("RGB", "RGBA"):  # CMYK, YCbCr, LAB, HSV, RGBX, RGBa, PA, ...
+        mode = "RGBA" if "A" in mode or "a" in mode else "RGB"
+    return mode, len(mode), 8
 
-    Images declaring more than ``max_pixels`` pixels are refused from their header, before decoding.
-    """
+
+def inspect_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    """The :class:`Header` of ``path``, read without decoding the pixels; :class:`ImageError` naming
+    the file if it cannot be read, declares more than ``max_pixels``, has several frames or holds
+    samples we do not handle."""
     path = Path(path)
-    try:
-        with _open_checked(path, max_pixels) as image:
-            samples16 = _png_16bit_samples(image, path)
+    with _image_errors(path), _open_checked(path, max_pixels) as image:
+        _how, channels, bits = _decoding(image, path)
+        return Header(image.size[0], image.size[1], channels, bits)
+
+
+def _png_16bit_samples(image: Image.Image, path: Path, channels: int) -> np.ndarray:
+    """uint16 (H, W, C) samples of a 16-bit colour or gray + alpha PNG, which Pillow reads as 8 bits.
+
+    ``image``: opened, not yet loaded (loading clears ``image.tile``).
+    """
+    tile = image.tile[0]
+    rawmode = tile.args if isinstance(tile.args, str) else tile.args[0]
+    if channels in (3, 4):  # decode twice: high bytes, then low bytes
+        image.load()
+        high = np.asarray(image, dtype=np.uint16)
+        with Image.open(path) as again:
+            again.tile = [tile._replace(args=rawmode.replace(";16B", ";16L"))]
+            again.load()
+            low = np.asarray(again, dtype=np.uint16)
+        return high << 8 | low
+    # Gray + alpha, 4 bytes a pixel: decode them as raw RGBA bytes (L hi, L lo, A hi, A lo).
+    with Image.open(path) as again:
+        again.tile = [tile._replace(args="RGBA")]
+        again.load()
+        raw = np.asarray(again, dtype=np.uint16)
+    return np.stack([raw[..., 0] << 8 | raw[..., 1], raw[..., 2] << 8 | raw[..., 3]], axis=-1)
+
+
+# EXIF orientation (tag 0x0112) -> what makes the stored samples upright, as PIL.ImageOps.exif_transpose.
+_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],  # mirrored
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1],  # mirrored upside down
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: np.rot90(a, -1),  # turned a quarter clockwise to be upright
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # transversed
+    8: lambda a: np.rot90(a, 1),  # a quarter counter-clockwise
+}
+
+
+def _icc_for_output(profile: bytes | None, channels: int, path: Path) -> bytes | None:
+    """``profile`` if its colour space (ICC header bytes 16-19) is the output's (RGB or gray), else
+    None with a warning (a CMYK profile cannot describe the RGB that Pillow converted CMYK to)."""
+    if not profile:
+        return None
+    wanted = b"RGB " if channels >= 3 else b"GRAY"
+    if profile[16:20] != wanted:
+        log.warning("%s: its ICC profile is for %r, not %r: the output has none", path,
+                    profile[16:20].decode("latin-1").strip(), wanted.decode().strip())
+        return None
+    return profile
+
+
+def read_source(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+    """Decode an image file for upscaling, upright (EXIF orientation applied), its samples as stored;
+    :class:`vdsr.images.ImageError` naming the file if it cannot. Images declaring more than
+    ``max_pixels`` pixels are refused from their header, before decoding."""
+    path = Path(path)
+    with _image_errors(path), _open_checked(path, max_pixels) as image:
+        how, channels, bits = _decoding(image, path)
+        if how == "png16":
+            samples = _png_16bit_samples(image, path, channels)
+        elif how == "int16":
             image.load()
-            mode = image.mode
-            if samples16 is not None:
-                data, bits = samples16.astype(np.float64) / 65535.0, 16
-                if data.shape[2] == 2:  # gray + alpha
-                    return Picture(data[..., 0], data[..., 1], bits)
-                alpha = data[..., 3] if data.shape[2] == 4 else None
-                return Picture(data[..., :3], alpha, bits)
-            if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                gray = np.asarray(image, dtype=np.float64)
-                if gray.min() < 0 or gray.max() > 65535:
-                    raise ImageError(f"{path}: 32-bit integer samples outside 0..65535 are not supported")
-                return Picture(gray / 65535.0, None, 16)
-            if mode == "F":
-                raise ImageError(f"{path}: floating-point images (mode F) are not supported")
-            if mode == "P":
-                mode = "RGBA" if "transparency" in image.info else "RGB"
-            elif mode in ("1", "L", "LA", "RGB", "RGBA"):
-                pass
-            elif mode in ("La", "PA"):
-                mode = "LA" if mode == "La" else "RGBA"
-            else:  # CMYK, YCbCr, LAB, HSV, RGBX, RGBa, ...
-                mode = "RGBA" if "A" in mode or "a" in mode else "RGB"
-            data = np.asarray(image.convert("L" if mode == "1" else mode), dtype=np.float64) / 255.0
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a folder, not an image file") from None
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"{path}: too large ({error})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, ImageError):
-            raise
-        raise ImageError(f"{path}: not a readable image ({error})") from None
-    if data.ndim == 2:
-        return Picture(data, None, 8)
-    if data.shape[2] == 2:
-        return Picture(data[..., 0], data[..., 1], 8)
-    return Picture(data[..., :3], data[..., 3] if data.shape[2] == 4 else None, 8)
+            gray = np.asarray(image)
+            if gray.min() < 0 or gray.max() > 65535:
+                raise ImageError(f"{path}: 32-bit integer samples outside 0..65535 are not supported")
+            samples = gray.astype(np.uint16)[..., None]
+        else:
+            image.load()
+            samples = np.asarray(image.convert(how)).reshape(image.size[1], image.size[0], channels)
+        orientation = image.getexif().get(0x0112, 1)
+        icc = _icc_for_output(image.info.get("icc_profile"), channels, path)
+    upright = _UPRIGHT.get(orientation)
+    if upright is not None:
+        samples = np.ascontiguousarray(upright(samples))
+    return Source(samples, bits, icc)
+
+
+def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """:func:`read_source` as a :class:`Picture` on the [0, 1] scale (float64 planes)."""
+    source = read_source(path, max_pixels)
+    data = source.samples.astype(np.float64) / source.top
+    alpha = data[..., -1] if source.channels in (2, 4) else None
+    return Picture(data[..., :3] if source.channels >= 3 else data[..., 0], alpha, source.bits)
 
 
 def write_png16(path: Path, samples: np.ndarray) -> None:
     """Write uint16 (H, W) gray, (H, W, 2) gray+alpha, (H, W, 3) RGB or (H, W, 4) RGBA as a 16-bit PNG."""
     if samples.dtype != np.uint16:
         raise TypeError(f"write_png16 expects uint16 samples, got {samples.dtype}")
-    samples = samples[..., None] if samples.ndim == 2 else samples
-    height, width, channels = samples.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]  # PNG spec, IHDR colour types
-    rows = samples.astype(">u2").reshape(height, width * channels).view(np.uint8)  # big-endian bytes
-    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0 per row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    Path(path).write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
-        + chunk(b"IEND", b"")
-    )
+    with open(path, "wb") as handle:
+        write_png(handle, samples)
 
 
-def write_picture(path: Path, picture: Picture, *, overwrite: bool = False) -> None:
+def _quantised(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """Samples on [0, 1] as uint8 or uint16: rounded, clipped."""
+    top = 65535.0 if bits == 16 else 255.0
+    return np.clip(np.round(pixels * top), 0, top).astype(np.uint16 if bits == 16 else np.uint8)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
+    """:func:`vdsr.io.atomic_path` for an output: errors name ``path``; FileExistsError, before the
+    rename, if ``path`` exists (it may have appeared meanwhile) and not ``overwrite``."""
+    with atomic_path(path) as tmp:
+        try:
+            yield tmp
+        except OSError as error:  # disk full, file size limit: the error names no file by itself
+            if error.filename is None or error.filename == str(tmp):
+                raise OSError(error.errno, error.strerror, str(path)) from None
+            raise
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists (--overwrite replaces it)", str(path))
+
+
+def write_picture(path: Path, picture: Picture, *, overwrite: bool = False, icc: bytes | None = None) -> None:
     """Write ``picture`` as a PNG with its bit depth (8 or 16) and alpha, atomically (temporary name,
     then rename). FileExistsError if ``path`` exists and not ``overwrite``."""
     planes = [picture.pixels] if picture.pixels.ndim == 2 else [picture.pixels[..., c] for c in range(3)]
     if picture.alpha is not None:
         planes.append(picture.alpha)
     data = np.stack(planes, axis=-1) if len(planes) > 1 else planes[0]
-    top = 65535.0 if picture.bits == 16 else 255.0
-    quantised = np.clip(np.round(data * top), 0, top)
-    with atomic_path(path) as tmp:
-        try:
-            if picture.bits == 16:
-                write_png16(tmp, quantised.astype(np.uint16))
+    with _atomic_output(Path(path), overwrite) as tmp, open(tmp, "wb") as handle:
+        write_png(handle, _quantised(data, picture.bits), icc=icc)
+
+
+# --- band by band -------------------------------------------------------------------------------
+
+
+def _unit_planes(source: Source, i0: int, i1: int) -> np.ndarray:
+    """Input rows ``i0:i1`` of the planes that are resized, float64 (n, W, P) on [0, 1]: Y, Cb, Cr
+    (MATLAB BT.601) or the gray level, then alpha if any."""
+    data = source.samples[i0:i1].astype(np.float64) / source.top
+    if source.channels < 3:
+        return data
+    ycbcr = rgb2ycbcr(data[..., :3])
+    return ycbcr if source.channels == 3 else np.concatenate([ycbcr, data[..., 3:]], axis=2)
+
+
+def bicubic_rows(source: Source, scale: int, r0: int, r1: int) -> np.ndarray:
+    """Output rows ``r0:r1`` of the ``scale`` x MATLAB-bicubic planes (:func:`_unit_planes`), float64
+    (r1 - r0, sW, P), reading only the input rows their kernels reach.
+
+    Equal bit for bit to those rows of :func:`vdsr.resize.imresize` of the whole planes: each value
+    is the same sum, in the same order, of the same products (the passes are elementwise).
+    """
+    height, width = source.samples.shape[:2]
+    out_height, out_width = output_size(height, scale), output_size(width, scale)
+    weights, indices = contributions(height, out_height, float(scale))
+    weights, indices = weights[r0:r1], indices[r0:r1]
+    i0, i1 = int(indices.min()), int(indices.max()) + 1
+    planes = _unit_planes(source, i0, i1)  # (i1 - i0, W, P)
+    count, depth = r1 - r0, planes.shape[2]
+    rows = _resize_axis0(planes.reshape(i1 - i0, -1), weights, indices - i0)  # (count, W * P)
+    rows = rows.reshape(count, width, depth).transpose(1, 0, 2).reshape(width, -1)  # (W, count * P)
+    cols = _resize_axis0(rows, *contributions(width, out_width, float(scale)))  # (sW, count * P)
+    return cols.reshape(out_width, count, depth).transpose(1, 0, 2)
+
+
+def _output_rows(luma: np.ndarray, rest: np.ndarray, source: Source) -> np.ndarray:
+    """Output samples (n, sW, C) of the network's luma (n, sW) float32 and the bicubic Cb, Cr and
+    alpha (n, sW, P - 1) float64, as :func:`upscale_picture` and :func:`write_picture` compute them."""
+    y = luma.astype(np.float64)
+    if source.channels >= 3:
+        ycbcr = np.concatenate([y[..., None], rest[..., :2]], axis=2)
+        pixels = np.clip(ycbcr2rgb(ycbcr), 0.0, 1.0)
+    else:
+        pixels = np.clip(y, 0.0, 1.0)[..., None]
+    if source.channels in (2, 4):
+        pixels = np.concatenate([pixels, np.clip(rest[..., -1:], 0.0, 1.0)], axis=2)
+    return _quantised(pixels, source.bits)
+
+
+def upscale_source(
+    source: Source, scale: int, network: Network, writer: PngWriter, on_tile: Callable[[], None] = lambda: None
+) -> None:
+    """Upscale ``source`` by ``scale`` into ``writer``, one row of the network's tiles at a time.
+
+    For each band: the bicubic planes of its rows plus the overlap above and below (the luma, as
+    float32 for the network) in chunks of :data:`CHUNK_ROWS`; the network on each tile of the band
+    (the windows :func:`predict_y` uses on the whole image, so the same values); then colour and
+    quantisation, chunk by chunk, and the rows go to ``writer``. ``on_tile`` is called after each tile.
+    Call under :func:`network_numerics`.
+    """
+    height, width = source.samples.shape[:2]
+    out_height, out_width = output_size(height, scale), output_size(width, scale)
+    for row in tile_grid(out_height, out_width, network.tile, network.overlap):
+        top, bottom, t0, b0 = row[0].top, row[0].bottom, row[0].t0, row[0].b0
+        y32 = np.empty((b0 - t0, out_width), np.float32)
+        rest = np.empty((bottom - top, out_width, source.channels - 1), np.float64)
+        for c0 in range(t0, b0, CHUNK_ROWS):
+            c1 = min(c0 + CHUNK_ROWS, b0)
+            planes = bicubic_rows(source, scale, c0, c1)
+            y32[c0 - t0 : c1 - t0] = planes[..., 0]
+            lo, hi = max(c0, top), min(c1, bottom)
+            if lo < hi:
+                rest[lo - top : hi - top] = planes[lo - c0 : hi - c0, :, 1:]
+        luma = np.empty((bottom - top, out_width), np.float32)
+        for box in row:
+            luma[:, box.left : box.right] = run_tile(network.model, y32, box, network.device, t0)
+            on_tile()
+        del y32
+        for c0 in range(0, bottom - top, CHUNK_ROWS):
+            samples = _output_rows(luma[c0 : c0 + CHUNK_ROWS], rest[c0 : c0 + CHUNK_ROWS], source)
+            writer.write(samples if source.channels > 1 else samples[..., 0])
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def memory_needed(header: Header, scale: int, network: Network) -> int:
+    """Bytes :func:`read_source` and :func:`upscale_source` need at most for ``header``'s picture, on
+    top of the loaded model (an estimate, measured by ``bench/upscale_memory.py``).
+
+    The decoded input (Pillow's image, our copy, a conversion and an orientation copy); the band: the
+    float32 luma with its overlap, the network's luma, the float64 Cb/Cr/alpha and the chunk
+    temporaries; and, on the CPU, the network on one window: five activations of its widest layer
+    (float32; on a GPU they are in its memory, not counted here).
+    The band's width is the picture's longer side (orientation is not read from the header).
+    """
+    pixels = header.width * header.height
+    sample_bytes = header.bits // 8
+    decode = pixels * header.channels * sample_bytes * 4 + (pixels * 4 * 2 if header.bits == 16 else 0)
+    out_height, out_width = (output_size(side, scale) for side in sorted((header.width, header.height)))
+    rows = min(network.tile or out_height, out_height)
+    margin_rows = min(rows + 2 * network.overlap, out_height)
+    band = out_width * (margin_rows * 4 + rows * 4 + rows * 8 * (header.channels - 1))
+    chunk = out_width * min(CHUNK_ROWS, margin_rows) * 8 * 4 * 6
+    side = network.tile + 2 * network.overlap
+    window = min(side, out_height) * min(side, out_width) if network.tile else out_height * out_width
+    if network.device.type == "cpu":  # VDSR 20x64 on a 552^2 window: 4.1 maps of 64 channels measured
+        activations = window * 4 * (5 * network.channels() + 2)
+    else:  # the activations live in the device's memory; here only the window and its estimate
+        activations = window * 4 * 2
+    return decode + band + chunk + activations
+
+
+def available_memory() -> int | None:
+    """Bytes that can still be allocated now: MemAvailable (/proc/meminfo), lowered to what this
+    process's cgroup leaves (v2 ``memory.max`` - ``memory.current``, v1 ``limit_in_bytes`` -
+    ``usage_in_bytes``); None where neither can be read (not Linux)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hierarchy, controllers, group = line.split(":", 2)
+            if hierarchy == "0":  # v2
+                folder = Path("/sys/fs/cgroup") / group.lstrip("/")
+                limit, usage = folder / "memory.max", folder / "memory.current"
+            elif "memory" in controllers.split(","):  # v1
+                folder = Path("/sys/fs/cgroup/memory") / group.lstrip("/")
+                limit, usage = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes"
             else:
-                Image.fromarray(quantised.astype(np.uint8)).save(tmp, format="PNG")
-        except OSError as error:  # disk full, file size limit: the error names no file by itself
-            raise OSError(error.errno, error.strerror, str(path)) from None
-        if not overwrite and os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "exists (--overwrite replaces it)", str(path))
+                continue
+            if limit.is_file() and limit.read_text().strip() != "max":
+                found.append(int(limit.read_text()) - int(usage.read_text()))
+    return min(found) if found else None
 
 
-def upscale_picture(picture: Picture, scale: int, luma: Upscaler) -> Picture:
-    """Upscale colour (Y by ``luma``, CbCr bicubic) and alpha (bicubic, clipped)."""
-    alpha = None if picture.alpha is None else np.clip(imresize(picture.alpha, float(scale)), 0.0, 1.0)
-    return Picture(upscale_pixels(picture.pixels, scale, luma), alpha, picture.bits)
+def parse_bytes(text: str) -> int:
+    """``2G``, ``500M``, ``64K`` (powers of 1024) or a plain number of bytes; argparse's type for --max-memory."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = units.get(number[-1:], 1)
+    try:
+        value = float(number[:-1] if number[-1:] in units else number) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes like 2G, 500M or 1000000, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)
+
+
+def format_bytes(count: int) -> str:
+    """``1.5 GiB``, ``300 MiB``: what a user reads."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -444,11 +770,16 @@ def plan_outputs(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Super-resolve images: Y through the network, Cb/Cr and alpha bicubic (MATLAB imresize). "
-        "Writes <stem>_x<scale>.png (8- or 16-bit, as the input), atomically. Before any work it refuses "
-        "a run that would write over an input or write two inputs to one name, and skips inputs whose "
-        "output exists unless --overwrite."
+        "Writes <stem>_x<scale>.png (8- or 16-bit, as the input), upright, with the input's ICC profile, "
+        "atomically. Before any work it refuses a run that would write over an input or write two "
+        "inputs to one name, and skips inputs whose output exists unless --overwrite. Memory is bounded "
+        "by --tile and the picture's width; a picture needing more than there is is skipped. On a terminal, "
+        "progress bars show each picture's tiles and the batch, with the time left."
     )
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, BMP, TIFF)")
+    parser.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE",
+        help="image files (PNG, JPEG, BMP, TIFF; one frame: animations and multi-page files are refused)",
+    )
     parser.add_argument("--scale", type=int, required=True, choices=SCALES, help="upscaling factor")
     parser.add_argument(
         "--model", type=Path, help=f"trained model file (default: the released weights, {PRETRAINED_MODEL})"
@@ -461,7 +792,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
     parser.add_argument(
-        "--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels, bounds memory (0: whole image)"
+        "--tile", type=int, default=DEFAULT_TILE,
+        help="tile side in pixels of the output: bounds memory, with the picture's width (0: whole image)",
     )
     parser.add_argument(
         "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
@@ -474,48 +806,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
         help=f"refuse inputs declaring more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS:,})",
     )
+    parser.add_argument(
+        "--max-memory", type=parse_bytes, metavar="BYTES",
+        help="skip a picture whose estimated memory need is over this, e.g. 4G (default: the memory "
+        "available when its turn comes)",
+    )
     parser.set_defaults(run=run)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, above the progress bars."""
+    from tqdm import tqdm
+
+    tqdm.write(f"vdsr upscale: {message}", file=sys.stderr)
+
+
+def _tiles(header: Header, scale: int, network: Network) -> int:
+    """Tiles of the output (the count does not depend on the orientation)."""
+    out_width, out_height = output_size(header.width, scale), output_size(header.height, scale)
+    tile = network.tile or max(out_width, out_height)
+    return -(-out_width // tile) * -(-out_height // tile)
 
 
 def run(args: argparse.Namespace) -> int:
     """Upscale each image; a bad or skipped image is reported and the others are done; exit 2 if any
-    was not written. Outputs are planned (:func:`plan_outputs`) before the model is loaded."""
+    was not written. Outputs (:func:`plan_outputs`) and inputs' headers (:func:`inspect_image`) are
+    checked before the model is loaded."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     if args.tile < 0:
         raise ValueError(f"--tile must be >= 0 (0: whole image), got {args.tile}")
     jobs, skipped = plan_outputs(args.images, args.scale, args.output, overwrite=args.overwrite)
     for image, reason in skipped:
-        print(f"vdsr upscale: skipped {image}: {reason}", file=sys.stderr)
+        _say(f"skipped {image}: {reason}")
     not_written = [image for image, _ in skipped]
-    if not jobs:
-        return _finish(not_written, len(args.images))
-    model_path = model_or_released(args.model)
-    model, device = load_network(Path(model_path), args.device)
-    if args.overlap is not None and args.overlap < receptive_radius(model):
-        raise ValueError(
-            f"--overlap {args.overlap} is below the model's receptive-field radius {receptive_radius(model)}"
-        )
-
-    def luma(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
-        return predict_y(model, bicubic_y, device, args.tile, args.overlap, precision=args.precision)
-
+    ready: list[tuple[Job, Header]] = []
     for job in jobs:
         try:
-            picture = read_picture(job.image, args.max_pixels)
+            ready.append((job, inspect_image(job.image, args.max_pixels)))
         except ImageError as error:
-            print(f"vdsr upscale: error: {error}", file=sys.stderr)
+            _say(f"error: {error}")
             not_written.append(job.image)
-            continue
-        result = upscale_picture(picture, args.scale, luma)
-        try:
-            write_picture(job.target, result, overwrite=args.overwrite)
-        except FileExistsError:  # appeared while we worked: still not ours to replace
-            print(f"vdsr upscale: skipped {job.image}: {job.target} appeared meanwhile, kept", file=sys.stderr)
-            not_written.append(job.image)
-            continue
-        height, width = picture.pixels.shape[:2]
-        log.info("%s (%dx%d) -> %s (%dx%d, %d-bit)", job.image, width, height, job.target, width * args.scale,
-                 height * args.scale, result.bits)
+    if not ready:
+        return _finish(not_written, len(args.images))
+    model, device = load_network(Path(model_or_released(args.model)), args.device)
+    radius = receptive_radius(model)
+    if args.overlap is not None and args.overlap < radius:
+        raise ValueError(f"--overlap {args.overlap} is below the model's receptive-field radius {radius}")
+    overlap = radius if args.overlap is None else args.overlap
+    network = Network(model, device, args.tile, overlap, args.precision)
+    counts = [_tiles(header, args.scale, network) for _, header in ready]
+    with logging_redirect_tqdm(), tqdm(
+        total=sum(counts), desc=f"{len(ready)} images", unit="tile", disable=None if len(ready) > 1 else True
+    ) as batch:
+        for (job, header), count in zip(ready, counts):
+            if not upscale_job(job, header, network, args, lambda: batch.update()):
+                not_written.append(job.image)
+                batch.total -= count
+                batch.refresh()
     return _finish(not_written, len(args.images))
+
+
+def upscale_job(job: Job, header: Header, network: Network, args: argparse.Namespace,
+                on_tile: Callable[[], None]) -> bool:
+    """Upscale one image into its target; False, after a line saying why, if it was not written."""
+    from tqdm import tqdm
+
+    need = memory_needed(header, args.scale, network)
+    limit = args.max_memory if args.max_memory is not None else available_memory()
+    if limit is not None and need > limit:
+        given = "of --max-memory" if args.max_memory is not None else "available"
+        _say(f"skipped {job.image}: needs about {format_bytes(need)} for {header.width}x{header.height} at "
+             f"x{args.scale} with --tile {network.tile}, over the {format_bytes(limit)} {given} "
+             f"({'a' if not network.tile else 'a smaller'} --tile needs less)")
+        return False
+    try:
+        source = read_source(job.image, args.max_pixels)
+    except ImageError as error:
+        _say(f"error: {error}")
+        return False
+    height, width = source.samples.shape[:2]
+    out_height, out_width = output_size(height, args.scale), output_size(width, args.scale)
+    try:
+        with _atomic_output(job.target, args.overwrite) as tmp, open(tmp, "wb") as handle:
+            writer = PngWriter(handle, out_width, out_height, source.channels, source.bits, icc=source.icc)
+            with tqdm(total=_tiles(header, args.scale, network), desc=job.image.name, unit="tile", leave=False,
+                      disable=None) as bar, network_numerics(network.device, network.precision):
+                upscale_source(source, args.scale, network, writer, lambda: (bar.update(), on_tile()))
+            writer.close()
+    except FileExistsError:  # appeared while we worked: still not ours to replace
+        _say(f"skipped {job.image}: {job.target} appeared meanwhile, kept")
+        return False
+    log.info("%s (%dx%d) -> %s (%dx%d, %d-bit)", job.image, width, height, job.target, out_width, out_height,
+             source.bits)
+    return True
 
 
 def _finish(not_written: list[Path], total: int) -> int:
@@ -523,5 +908,5 @@ def _finish(not_written: list[Path], total: int) -> int:
     if not not_written:
         return 0
     names = ", ".join(str(image) for image in not_written)
-    print(f"vdsr upscale: {len(not_written)} of {total} images not written: {names}", file=sys.stderr)
+    _say(f"{len(not_written)} of {total} images not written: {names}")
     return 2
