@@ -37,7 +37,7 @@ from vdsr.models import ModelConfig, resolve_device
 from vdsr.prepare import load_patches, load_validation, write_training_set, write_validation_set
 from vdsr.runtime import device_description, resolve_runtime
 from vdsr.train import TrainConfig, train
-from vdsr.upscale import model_upscaler
+from vdsr.inference import model_upscaler
 
 HERE = Path(__file__).resolve().parent
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of the device name.

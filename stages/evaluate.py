@@ -3,7 +3,7 @@
 Run from the repository root: ``python stages/evaluate.py <name>``. Reads the ``evaluate``
 section of ``params.yaml``, ``models/<name>.pt``, ``models/<name>.mlflow_run.json`` and
 ``data/raw/<set>``. Scores come from :func:`vdsr.evaluate.evaluate_folder` with
-:func:`vdsr.upscale.model_upscaler` (tiled fp32 inference, on CUDA when present, on all CPU
+:func:`vdsr.inference.model_upscaler` (tiled fp32 inference, on CUDA when present, on all CPU
 cores otherwise), the code behind ``vdsr evaluate --model``, so both give the same numbers.
 Writes ``results/<name>.json`` (the model, its MLflow run, seconds per set, and PSNR/SSIM per set,
 scale and image; the ``report`` stage turns the results of all models into the table) and adds
@@ -29,7 +29,7 @@ from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError
 from vdsr.io import error_message, write_json_atomic
 from vdsr.models import ModelFileError, load_model, resolve_device
-from vdsr.upscale import DEFAULT_TILE, model_upscaler
+from vdsr.inference import DEFAULT_TILE, model_upscaler
 
 DEVICE = "auto"  # cuda when present; evaluation runs in float32 either way
 TILE = DEFAULT_TILE  # network input tiles of 512 px (+ receptive-field margin): bounded memory, same output

@@ -11,7 +11,7 @@ baseline stage) and ``results/<name>.json`` (the evaluate stages). Writes:
 - ``reports/per_image.csv``: every image's PSNR/SSIM per method and scale;
 - ``plots/comparison/<set>_<image>_x<scale>.png``: HR, bicubic and each model on a crop, with
   each method's PSNR on the whole image (models run on the crop plus their receptive field only,
-  which gives the whole-image values; :func:`vdsr.upscale.predict_window`);
+  which gives the whole-image values; :func:`vdsr.inference.predict_window`);
 
 and adds the report, table, per-image file and panels to every model's MLflow run.
 """
@@ -36,7 +36,7 @@ from vdsr.images import ImageError, read_image
 from vdsr.io import atomic_path, error_message, write_json_atomic, write_text_atomic
 from vdsr.models import ModelFileError, load_model, resolve_device
 from vdsr.resize import imresize
-from vdsr.upscale import predict_window
+from vdsr.inference import predict_window
 
 BICUBIC = RESULTS_DIR / "bicubic.json"
 METRICS = Path("metrics/eval.json")  # the paths below are the stage's outs in dvc.yaml

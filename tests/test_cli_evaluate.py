@@ -55,7 +55,7 @@ def test_evaluate_self_ensemble_is_its_own_number(set5_dir: Path, tmp_path: Path
 
     from vdsr.inference import self_ensemble
     from vdsr.models import ModelConfig, build_model, save_model
-    from vdsr.upscale import model_upscaler
+    from vdsr.inference import model_upscaler
 
     torch.manual_seed(0)
     model = build_model(ModelConfig("vdsr", depth=3, width=4)).eval()

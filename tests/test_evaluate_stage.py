@@ -22,7 +22,7 @@ from vdsr import paper, tracking
 from vdsr.evaluate import evaluate_folder, summary
 from vdsr.models import ModelConfig, build_model, save_model
 from vdsr.evaluate import to_uint8
-from vdsr.upscale import load_upscaler, model_upscaler, predict_window, predict_y
+from vdsr.inference import load_upscaler, model_upscaler, predict_window, predict_y
 
 from conftest import run_child
 

@@ -35,7 +35,7 @@ from vdsr.images import list_images, read_image
 from vdsr.models import ModelConfig, build_model, load_model, save_model
 from vdsr.prepare import write_training_set
 from vdsr.resize import imresize
-from vdsr.upscale import model_upscaler
+from vdsr.inference import model_upscaler
 
 from conftest import REPO_ROOT
 

@@ -9,7 +9,7 @@ import torch
 
 from vdsr.inference import SYMMETRIES, dihedral, self_ensemble, undo_dihedral
 from vdsr.models import ModelConfig, build_model
-from vdsr.upscale import model_upscaler
+from vdsr.inference import model_upscaler
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -72,3 +72,15 @@ def test_tiled_equals_untiled():
     whole = self_ensemble(model_upscaler(model, torch.device("cpu"), tile=0))(y, 2)
     tiled = self_ensemble(model_upscaler(model, torch.device("cpu"), tile=16))(y, 2)
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
+
+
+def test_tiles_of_the_network_pass_average_the_eight_symmetries():
+    """predict_y(self_ensemble=True), per tile with its overlap, is the ensemble of the whole image."""
+    from vdsr.inference import predict_y
+
+    model = tiny_model(4)
+    y = np.random.default_rng(4).uniform(0.1, 0.9, (37, 29))
+    reference = self_ensemble(model_upscaler(model, torch.device("cpu"), tile=0))(y, 2)
+    for tile in (0, 8, 13):
+        np.testing.assert_allclose(predict_y(model, y, "cpu", tile=tile, self_ensemble=True), reference,
+                                   rtol=0, atol=1e-6)

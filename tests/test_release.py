@@ -19,7 +19,7 @@ from vdsr.cli import main
 from vdsr.evaluate import evaluate_folder, summary
 from vdsr.models import ModelConfig, load_model
 from vdsr.train import TrainConfig, train
-from vdsr.upscale import model_upscaler
+from vdsr.inference import model_upscaler
 
 from test_train import data, small  # noqa: F401  (fixtures: Set5 patches)
 

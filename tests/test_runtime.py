@@ -30,7 +30,7 @@ from vdsr.train import (
     train,
     validate,
 )
-from vdsr.upscale import model_upscaler, predict_y
+from vdsr.inference import model_upscaler, predict_y
 
 CPU = torch.device("cpu")
 TINY = ModelConfig("vdsr", depth=3, width=8)

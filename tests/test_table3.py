@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO_ROOT
 from vdsr import table3

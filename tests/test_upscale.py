@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vdsr import upscale
+from vdsr import inference, upscale
 from vdsr.cli import main
 from vdsr.color import rgb2ycbcr
 from vdsr.evaluate import bicubic_upscaler, evaluate_folder, summary
@@ -48,20 +48,20 @@ def rng_image(shape: tuple[int, ...], high: int, seed: int = 0) -> np.ndarray:
 def test_tiled_inference_equals_whole_image(name: str, depth: int, width: int, tile: int) -> None:
     model = tiny_model(name, depth, width)
     y = np.random.default_rng(1).random((70, 53))
-    whole = upscale.predict_y(model, y, "cpu", tile=0)
-    tiled = upscale.predict_y(model, y, "cpu", tile=tile)
+    whole = inference.predict_y(model, y, "cpu", tile=0)
+    tiled = inference.predict_y(model, y, "cpu", tile=tile)
     assert whole.shape == tiled.shape == y.shape
     assert np.abs(whole - tiled).max() < 1e-5
 
 
 def test_receptive_radius_matches_the_models() -> None:
-    assert upscale.receptive_radius(tiny_model("vdsr", 20, 2)) == 20  # (2d + 1)^2 receptive field
-    assert upscale.receptive_radius(tiny_model("srcnn", 3, 4)) == 8  # 9-5-5: 17 x 17
+    assert inference.receptive_radius(tiny_model("vdsr", 20, 2)) == 20  # (2d + 1)^2 receptive field
+    assert inference.receptive_radius(tiny_model("srcnn", 3, 4)) == 8  # 9-5-5: 17 x 17
 
 
 def test_overlap_below_receptive_radius_is_rejected() -> None:
     with pytest.raises(ValueError, match="receptive-field radius 5"):
-        upscale.predict_y(tiny_model("vdsr", 5, 4), np.zeros((20, 20)), "cpu", tile=8, overlap=4)
+        inference.predict_y(tiny_model("vdsr", 5, 4), np.zeros((20, 20)), "cpu", tile=8, overlap=4)
 
 
 # --- colour -------------------------------------------------------------------------------------

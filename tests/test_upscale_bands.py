@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from vdsr import upscale
+from vdsr import inference, upscale
 from vdsr.cli import main
 from vdsr.models import ModelConfig, save_model
 from vdsr.resize import imresize
@@ -55,7 +55,7 @@ def whole_image_output(
 ) -> np.ndarray:
     """The output of the whole-image path: read_picture, upscale_picture (predict_y on the whole
     luma, in tiles of ``tile``), write_picture."""
-    luma = lambda y, _scale: upscale.predict_y(model, y, "cpu", tile, overlap)  # noqa: E731
+    luma = lambda y, _scale: inference.predict_y(model, y, "cpu", tile, overlap)  # noqa: E731
     result = upscale.upscale_picture(upscale.read_picture(source), scale, luma)
     path = tmp_path / "whole.png"
     upscale.write_picture(path, result, overwrite=True)
@@ -97,7 +97,7 @@ def test_a_photo_is_identical_at_the_default_tile(tmp_path: Path, set5_dir: Path
     source = set5_dir / "baby.png"
     out = tmp_path / "baby_x3.png"
     assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "-o", str(out)]) == 0
-    np.testing.assert_array_equal(stored(out), whole_image_output(tmp_path, source, 3, model, upscale.DEFAULT_TILE))
+    np.testing.assert_array_equal(stored(out), whole_image_output(tmp_path, source, 3, model, inference.DEFAULT_TILE))
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def test_peak_memory_does_not_grow_with_the_picture(peaks: dict[str, int]) -> No
 
 def test_memory_estimate_bounds_the_measured_peak(peaks: dict[str, int], model: torch.nn.Module) -> None:
     """In one window (memory grows with the picture) the estimate is above what is used, not far above."""
-    network = upscale.Network(model, torch.device("cpu"), 0, upscale.receptive_radius(model), "fp32")
+    network = inference.Network(model, torch.device("cpu"), 0, inference.receptive_radius(model), "fp32")
     estimate = upscale.memory_needed(upscale.Header(120, 2400, 3, 8), 4, network)
     used = peaks["tall whole"] - peaks["tiny whole"]
     assert used < estimate < 2 * used, (used, estimate)
@@ -296,3 +296,21 @@ def test_inputs_are_checked_before_the_model_loads(tmp_path: Path, capsys) -> No
     err = capsys.readouterr().err
     assert "nope.png: file not found" in err and "broken.png: not a readable image" in err
     assert "m.pt" not in err
+
+
+def test_self_ensemble_upscale_is_the_whole_image_ensemble(tmp_path: Path, model: torch.nn.Module,
+                                                          model_file: Path) -> None:
+    """vdsr upscale --self-ensemble, band by band in tiles, writes the whole-image self-ensemble."""
+    source = tmp_path / "rgb.png"
+    write_image(source, "rgb")
+    out = tmp_path / "plus.png"
+    assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "--device", "cpu", "--tile", "8",
+                 "--self-ensemble", "-o", str(out)]) == 0
+    luma = lambda y, _scale: inference.predict_y(model, y, "cpu", 0, self_ensemble=True)  # noqa: E731
+    whole = upscale.upscale_picture(upscale.read_picture(source), 3, luma)
+    upscale.write_picture(tmp_path / "whole.png", whole, overwrite=True)
+    np.testing.assert_array_equal(stored(out), stored(tmp_path / "whole.png"))
+    plain = tmp_path / "plain.png"
+    assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "--device", "cpu",
+                 "-o", str(plain)]) == 0
+    assert not np.array_equal(stored(out), stored(plain))

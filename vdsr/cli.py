@@ -44,7 +44,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.model == "bicubic":
         upscaler = evaluate.bicubic_upscaler
     else:
-        from vdsr.upscale import load_upscaler, model_or_released  # torch is imported only when a model is used
+        from vdsr.inference import load_upscaler  # torch is imported only when a model is used
+        from vdsr.upscale import model_or_released
 
         upscaler = load_upscaler(model_or_released(args.model and Path(args.model)), args.device)
     if args.self_ensemble:

@@ -192,7 +192,7 @@ def evaluate_sets(model: torch.nn.Module, raw_dir: Path, sets: list[str], scales
     fp32; with ``self_ensemble`` ``{"self_ensemble": table, "seconds_self_ensemble": {set: s}}``: the
     x8 self-ensemble of the same weights (:mod:`vdsr.inference`, 8x the time), its own table."""
     from vdsr.inference import self_ensemble as ensembled
-    from vdsr.upscale import model_upscaler
+    from vdsr.inference import model_upscaler
 
     upscaler = model_upscaler(model, torch.device("cpu"))
     if self_ensemble:

@@ -56,7 +56,7 @@ SCALES = (2, 3, 4)  # as vdsr upscale --scale
 # colour path holds the upscaled image in float64: 4 Mpx at x4 is 1.5 GB of RGB, per request in flight.
 SERVE_MAX_PIXELS = 4_000_000
 MAX_IMAGE_BYTES = 64 << 20  # an image file in a request, after base64 decoding
-SERVE_TILE = 512  # tile side of the network input (vdsr.upscale.DEFAULT_TILE); bounds the network's memory
+SERVE_TILE = 512  # tile side of the network input (vdsr.inference.DEFAULT_TILE); bounds the network's memory
 DEFAULT_ALIAS = "champion"
 WEIGHTS = "weights"  # the pyfunc artifact's key, and the run's artifact folder for the weights file
 
@@ -79,10 +79,10 @@ def file_upscaler(model_path: Path, device: str = "auto", tile: int = SERVE_TILE
     served picture is the one the command writes. Raises :class:`vdsr.images.ImageError` for a
     file that is not a usable image or declares more than ``max_pixels`` pixels.
     """
-    from vdsr import upscale
+    from vdsr import inference, upscale
 
-    model, target = upscale.load_network(Path(model_path), device)
-    luma = upscale.model_upscaler(model, target, tile=tile)
+    model, target = inference.load_network(Path(model_path), device)
+    luma = inference.model_upscaler(model, target, tile=tile)
 
     def upscale_file(source: Path, output: Path, scale: int, max_pixels: int) -> None:
         picture = upscale.read_picture(source, max_pixels)

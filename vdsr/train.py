@@ -73,7 +73,7 @@ from vdsr.evaluate import to_uint8
 from vdsr.metrics import psnr
 from vdsr.models import ModelConfig, build_model, resolve_device
 from vdsr.runtime import Runtime, compiled, resolve_runtime, training_flags
-from vdsr.upscale import predict_y
+from vdsr.inference import predict_y
 
 log = logging.getLogger(__name__)
 

@@ -34,26 +34,30 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vdsr.color import rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import Upscaler
+from vdsr.inference import (  # the network pass, shared with training's validation and evaluation
+    DEFAULT_TILE,
+    Network,
+    load_network,
+    network_numerics,
+    receptive_radius,
+    run_tile,
+    tile_grid,
+)
 from vdsr.images import ImageError
 from vdsr.io import atomic_path
 from vdsr.png import PngWriter, write_png
 from vdsr.resize import _resize_axis0, contributions, imresize, output_size
 
-if TYPE_CHECKING:  # torch is imported only when a model is used (``vdsr evaluate --model bicubic``)
-    import torch
-
 log = logging.getLogger(__name__)
 
 # Released weights will live here; until then ``--model`` is required.
 PRETRAINED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "vdsr.pt"
-DEFAULT_TILE = 512  # tile side in pixels of the network input; 0: the whole image at once
 # Largest input accepted, in pixels, checked on the declared size before decoding (decompression
 # bombs). Memory is bounded by the tile, so this guards the decoded input (16 Mpx RGB: 48 MB).
 DEFAULT_MAX_PIXELS = 16_000_000
@@ -75,190 +79,6 @@ def model_or_released(model: Path | None) -> Path:
         )
     log.info("model: the released weights %s (card: %s)", PRETRAINED_MODEL, PRETRAINED_MODEL.with_name("MODEL_CARD.md"))
     return PRETRAINED_MODEL
-
-
-def receptive_radius(model: torch.nn.Module) -> int:
-    """Pixels each side that one output pixel depends on: the sum of the conv layers' half-widths.
-
-    Exact for a chain of convolutions (VDSR: depth, SRCNN 9-5-5: 8); an upper bound otherwise.
-    """
-    import torch
-
-    radius = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            radius += max(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
-    return radius
-
-
-def checked_overlap(model: torch.nn.Module, tile: int, overlap: int | None, precision: str) -> int:
-    """The overlap to use (default: the receptive-field radius); ValueError for values that would
-    make tiled differ from whole-image inference, a negative tile or an unknown precision."""
-    radius = receptive_radius(model)
-    overlap = radius if overlap is None else overlap
-    if overlap < radius:
-        raise ValueError(
-            f"overlap {overlap} is below the model's receptive-field radius {radius}: "
-            "tile seams would differ from whole-image inference"
-        )
-    if tile < 0:
-        raise ValueError(f"tile must be >= 0 (0: no tiling), got {tile}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    return overlap
-
-
-@dataclass(frozen=True)
-class Tile:
-    """A tile of :func:`tile_grid`: the output box ``top:bottom, left:right`` and the window
-    ``t0:b0, l0:r0`` the network sees (the box plus the overlap, clipped at the image border)."""
-
-    top: int
-    left: int
-    bottom: int
-    right: int
-    t0: int
-    l0: int
-    b0: int
-    r0: int
-
-
-def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[list[Tile]]:
-    """Rows of tiles of side ``tile`` (0: one tile) over a (height, width) image, top to bottom,
-    left to right, each with ``overlap`` pixels of context."""
-    tile = tile or max(height, width)
-    rows = []
-    for top in range(0, height, tile):
-        row = []
-        for left in range(0, width, tile):
-            bottom, right = min(top + tile, height), min(left + tile, width)
-            t0, l0 = max(top - overlap, 0), max(left - overlap, 0)
-            b0, r0 = min(bottom + overlap, height), min(right + overlap, width)
-            row.append(Tile(top, left, bottom, right, t0, l0, b0, r0))
-        rows.append(row)
-    return rows
-
-
-def run_tile(
-    model: torch.nn.Module, y32: np.ndarray, tile: Tile, device: torch.device, row0: int = 0
-) -> np.ndarray:
-    """The network's float32 estimate inside ``tile``'s box, from its window of the float32 luma
-    ``y32``, which holds the image's rows from ``row0`` on, at full width. Call under
-    :func:`network_numerics`."""
-    import torch
-
-    window = torch.from_numpy(y32[tile.t0 - row0 : tile.b0 - row0, tile.l0 : tile.r0]).to(device)[None, None]
-    inner = (slice(tile.top - tile.t0, tile.bottom - tile.t0), slice(tile.left - tile.l0, tile.right - tile.l0))
-    estimate = model(window)[0, 0][inner]
-    return estimate.float().cpu().numpy()
-
-
-@contextlib.contextmanager
-def network_numerics(device: torch.device, precision: str) -> Iterator[None]:
-    """Inference mode plus ``precision``: ``fp32`` exact (:func:`vdsr.runtime.exact_fp32`) or ``bf16`` autocast."""
-    import torch
-
-    from vdsr.runtime import exact_fp32
-
-    numerics = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else exact_fp32(device)
-    with torch.inference_mode(), numerics:
-        yield
-
-
-def predict_y(
-    model: torch.nn.Module,
-    y: np.ndarray,
-    device: str | torch.device = "cpu",
-    tile: int = DEFAULT_TILE,
-    overlap: int | None = None,
-    *,
-    precision: str = "fp32",
-) -> np.ndarray:
-    """The network's HR luma for the bicubic-upscaled luma ``y`` (H, W), float on [0, 1] -> float64 (H, W).
-
-    ``tile``: side of the tiles the image is cut into (0: whole image). ``overlap``: input pixels
-    added around each tile (default: the model's receptive-field radius, the smallest value for
-    which tiled equals whole-image inference). ``precision``: ``fp32`` (default) computes in exact
-    fp32 (:func:`vdsr.runtime.exact_fp32`: no autocast, no TF32), as evaluation must; ``bf16``
-    runs under bfloat16 autocast, faster on GPUs and CPUs with native bf16 but with 8 significant
-    bits (about 1/256 of the signal: visible in 16-bit output). The output is not clipped.
-    """
-    import torch
-
-    if y.ndim != 2:
-        raise ValueError(f"predict_y expects a (H, W) luma array, got shape {y.shape}")
-    overlap = checked_overlap(model, tile, overlap, precision)
-    device = torch.device(device)
-    height, width = y.shape
-    y32 = np.ascontiguousarray(y, dtype=np.float32)
-    out = np.empty((height, width), dtype=np.float32)
-    with network_numerics(device, precision):
-        for row in tile_grid(height, width, tile, overlap):
-            for box in row:
-                out[box.top : box.bottom, box.left : box.right] = run_tile(model, y32, box, device)
-    return out.astype(np.float64)
-
-
-def predict_window(
-    model: torch.nn.Module, y: np.ndarray, box: tuple[int, int, int, int], device: str | torch.device = "cpu"
-) -> np.ndarray:
-    """:func:`predict_y` of ``y`` (H, W) inside ``box`` = (top, left, bottom, right) only, float64.
-
-    The network sees the box plus its receptive-field radius (clipped at the image border), as a
-    tile of :func:`predict_y` does, so the values equal those of whole-image inference.
-    """
-    top, left, bottom, right = box
-    if not (0 <= top < bottom <= y.shape[0] and 0 <= left < right <= y.shape[1]):
-        raise ValueError(f"box {box} is not inside the {y.shape} image")
-    radius = receptive_radius(model)
-    t0, l0 = max(top - radius, 0), max(left - radius, 0)
-    window = y[t0 : min(bottom + radius, y.shape[0]), l0 : min(right + radius, y.shape[1])]
-    return predict_y(model, window, device, tile=0)[top - t0 : bottom - t0, left - l0 : right - l0]
-
-
-def load_network(path: Path, device: str) -> tuple[torch.nn.Module, torch.device]:
-    """The model saved at ``path`` (:func:`vdsr.models.save_model`), in eval mode on ``device``."""
-    from vdsr.models import load_model, resolve_device
-
-    target = resolve_device(device)
-    model, config, _meta = load_model(path, map_location=target)
-    log.info("model %s: %s depth %d width %d on %s", path, config.name, config.depth, config.width, target)
-    return model, target
-
-
-def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upscaler:
-    """An :data:`vdsr.evaluate.Upscaler` running the model at ``path`` (for ``vdsr evaluate``).
-
-    Runs in exact fp32 (no autocast, no TF32), so metrics do not depend on the device's rounding.
-    The models are multi-scale: the scale argument is not used.
-    """
-    model, target = load_network(Path(path), device)
-    return model_upscaler(model, target, tile=tile)
-
-
-def model_upscaler(model: torch.nn.Module, device: torch.device, *, tile: int = DEFAULT_TILE) -> Upscaler:
-    """An :data:`vdsr.evaluate.Upscaler` running ``model`` (already on ``device``) in exact fp32."""
-
-    def upscaler(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
-        return predict_y(model, bicubic_y, device, tile, precision="fp32")
-
-    return upscaler
-
-
-@dataclass
-class Network:
-    """A loaded model as ``vdsr upscale`` runs it: on ``device``, in tiles of side ``tile`` (0: one)
-    with ``overlap`` pixels of context (at least the receptive-field radius), at ``precision``."""
-
-    model: torch.nn.Module
-    device: torch.device
-    tile: int
-    overlap: int
-    precision: str
-
-    def channels(self) -> int:
-        """The widest layer's output channels: what the activations of a window scale with."""
-        return max((getattr(m, "out_channels", 1) for m in self.model.modules()), default=1)
 
 
 # --- colour, whole images in memory -------------------------------------------------------------
@@ -599,7 +419,8 @@ def upscale_source(
                 rest[lo - top : hi - top] = planes[lo - c0 : hi - c0, :, 1:]
         luma = np.empty((bottom - top, out_width), np.float32)
         for box in row:
-            luma[:, box.left : box.right] = run_tile(network.model, y32, box, network.device, t0)
+            luma[:, box.left : box.right] = run_tile(network.model, y32, box, network.device, t0,
+                                                     self_ensemble=network.self_ensemble)
             on_tile()
         del y32
         for c0 in range(0, bottom - top, CHUNK_ROWS):
@@ -784,7 +605,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, help=f"trained model file (default: the released weights, {PRETRAINED_MODEL})"
     )
-    parser.add_argument("-o", "--output", type=Path, help="output folder (created), or a .png name for one image")
+    parser.add_argument("-o", "--output", type=Path, help="output folder (created), or a .png name for one image "
+                        "(default: beside each input, as <stem>_x<scale>.png)")
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace outputs that already exist (default: keep them, skip their inputs and exit 2 at the "
@@ -793,7 +615,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
     parser.add_argument(
         "--tile", type=int, default=DEFAULT_TILE,
-        help="tile side in pixels of the output: bounds memory, with the picture's width (0: whole image)",
+        help=f"tile side in pixels of the output: bounds memory, with the picture's width (0: whole image; "
+        f"default {DEFAULT_TILE})",
     )
     parser.add_argument(
         "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
@@ -801,6 +624,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", choices=("fp32", "bf16"), default="fp32",
         help="fp32 (default, exact) | bf16: faster on GPUs and CPUs with native bf16, 8 significant bits",
+    )
+    parser.add_argument(
+        "--self-ensemble", action="store_true",
+        help="x8 self-ensemble (VDSR+): average the network over the 8 flips/rotations of the picture; "
+        "8x the time, usually a few hundredths of a dB more PSNR",
     )
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -855,7 +683,9 @@ def run(args: argparse.Namespace) -> int:
     if args.overlap is not None and args.overlap < radius:
         raise ValueError(f"--overlap {args.overlap} is below the model's receptive-field radius {radius}")
     overlap = radius if args.overlap is None else args.overlap
-    network = Network(model, device, args.tile, overlap, args.precision)
+    network = Network(model, device, args.tile, overlap, args.precision, args.self_ensemble)
+    if args.self_ensemble:
+        _say("x8 self-ensemble: each tile through the 8 flips/rotations, averaged (8x the time)")
     counts = [_tiles(header, args.scale, network) for _, header in ready]
     with logging_redirect_tqdm(), tqdm(
         total=sum(counts), desc=f"{len(ready)} images", unit="tile", disable=None if len(ready) > 1 else True
