@@ -159,7 +159,8 @@ def report_stage() -> None:
 
     for name in architectures:  # each model's evaluation run, when it is this experiment's, else a new run
         info = results[name].get("mlflow_run") or {}
-        with tracking.continue_run(repo_root=Path.cwd(), run_info=info, stage="report", model=name) as run:
+        with tracking.continue_run(repo_root=Path.cwd(), run_info=info, stage="report", model=name,
+                                   device=resolve_device("auto")) as run:
             for path in (REPORT, METRICS, PER_IMAGE):
                 run.log_artifact(path, "report")
             run.log_artifact(FIGURES_DIR, "report/comparison")

@@ -243,7 +243,7 @@ def _probe_http(uri: str, timeout_s: float | None = None) -> None:
     auth 401 are MLflow's to report).
     """
     timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
-    url = uri.rstrip("/") + "/health"
+    url = _USERINFO.sub(r"\1", uri).rstrip("/") + "/health"  # urllib would take user info for the host
     try:
         with urllib.request.urlopen(url, timeout=timeout_s):
             pass
@@ -251,7 +251,7 @@ def _probe_http(uri: str, timeout_s: float | None = None) -> None:
         return
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        message = f"cannot reach the tracking server {uri} ({reason}; probe timeout {timeout_s:g} s)"
+        message = f"cannot reach the tracking server {public_uri(uri)} ({reason}; probe timeout {timeout_s:g} s)"
         raise ConnectionError(message) from None
 
 
