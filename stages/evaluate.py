@@ -5,9 +5,10 @@ section of ``params.yaml``, ``models/<name>.pt``, ``models/<name>.mlflow_run.jso
 ``data/raw/<set>``. Scores come from :func:`vdsr.evaluate.evaluate_folder` with
 :func:`vdsr.inference.model_upscaler` (tiled fp32 inference, on CUDA when present, on all CPU
 cores otherwise), the code behind ``vdsr evaluate --model``, so both give the same numbers.
-Writes ``results/<name>.json`` (the model, its MLflow run, seconds per set, and PSNR/SSIM per set,
+Writes ``results/<name>.json`` (the model, its MLflow runs, seconds per set, and PSNR/SSIM per set,
 scale and image; the ``report`` stage turns the results of all models into the table) and adds
-the means to the training's MLflow run (``eval/Set5/x2/psnr``).
+the means to the training's MLflow run (``eval/Set5/x2/psnr``) when that run is this DVC
+experiment's, else to a new run (:func:`vdsr.tracking.continue_run`; a log line says which).
 """
 
 from __future__ import annotations
@@ -98,31 +99,30 @@ def evaluate_stage(out: ModelPaths) -> None:
         log.info("evaluate %s: %s in %.1f s", out.name, dataset, seconds[dataset])
     table = {dataset: evaluate.summary(by_scale) for dataset, by_scale in results.items()}
     print(evaluate.format_table(table))
-    write_json_atomic(out.results, {
-        "model": {"name": out.name, "architecture": config.name, "depth": config.depth, "width": config.width,
-                  "epochs": meta.get("epochs")},
-        "mlflow_run": run_info,
-        "device": str(device),
-        "threads": threads,
-        "seconds": seconds,
-        "sets": results,
-    })
-    log.info("evaluate %s: wrote %s", out.name, out.results)
 
-    run = tracking.resume_run(
-        repo_root=Path.cwd(), run_id=run_info.get("run_id"), tracking_uri=run_info.get("tracking_uri"),
-        started_run_id=run_info.get("started_run_id"),
-    )
-    metrics = {
-        f"eval/{dataset}/{scale}/{name}": value  # e.g. eval/Set5/x2/psnr
-        for dataset, by_scale in table.items()
-        for scale, m in by_scale.items()
-        for name, value in m.items()
-    }
-    run.log_metrics(metrics | {f"eval/{dataset}/seconds": s for dataset, s in seconds.items()})
-    run.log_artifact(out.results, "eval")
-    run.end()
-
+    # The training's run when it is this experiment's, else a new one (tracking.continue_run).
+    with tracking.continue_run(repo_root=Path.cwd(), run_info=run_info, stage="evaluate", model=out.name,
+                               params={"evaluate": dataclasses.asdict(params)},
+                               model_run_id=meta.get("mlflow_run_id"), device=device) as run:
+        write_json_atomic(out.results, {
+            "model": {"name": out.name, "architecture": config.name, "depth": config.depth, "width": config.width,
+                      "epochs": meta.get("epochs")},
+            # the run that holds this evaluation (the report stage adds to it), and the training's
+            "mlflow_run": run.record() | {"training_run_id": run_info.get("run_id") or run_info.get("started_run_id")},
+            "device": str(device),
+            "threads": threads,
+            "seconds": seconds,
+            "sets": results,
+        })
+        log.info("evaluate %s: wrote %s", out.name, out.results)
+        metrics = {
+            f"eval/{dataset}/{scale}/{name}": value  # e.g. eval/Set5/x2/psnr
+            for dataset, by_scale in table.items()
+            for scale, m in by_scale.items()
+            for name, value in m.items()
+        }
+        run.log_metrics(metrics | {f"eval/{dataset}/seconds": s for dataset, s in seconds.items()})
+        run.log_artifact(out.results, "eval")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -13,7 +13,10 @@ baseline stage) and ``results/<name>.json`` (the evaluate stages). Writes:
   each method's PSNR on the whole image (models run on the crop plus their receptive field only,
   which gives the whole-image values; :func:`vdsr.inference.predict_window`);
 
-and adds the report, table, per-image file and panels to every model's MLflow run.
+and adds the report, table, per-image file and panels to every model's MLflow run (the one that
+holds its evaluation) when that run is this DVC experiment's and has no report yet, else to a new
+run (:func:`vdsr.tracking.continue_run`): an experiment that skipped a model's stages leaves the
+run of the experiment that evaluated it as it was.
 """
 
 from __future__ import annotations
@@ -154,14 +157,13 @@ def report_stage() -> None:
     log.info("report: wrote %s, %s, %s and %d panels in %s", METRICS, REPORT, PER_IMAGE, len(figures), FIGURES_DIR)
     print(paper.results_table(columns))
 
-    for name in architectures:
+    for name in architectures:  # each model's evaluation run, when it is this experiment's, else a new run
         info = results[name].get("mlflow_run") or {}
-        run = tracking.resume_run(repo_root=Path.cwd(), run_id=info.get("run_id"),
-                                  tracking_uri=info.get("tracking_uri"), started_run_id=info.get("started_run_id"))
-        for path in (REPORT, METRICS, PER_IMAGE):
-            run.log_artifact(path, "report")
-        run.log_artifact(FIGURES_DIR, "report/comparison")
-        run.end()
+        with tracking.continue_run(repo_root=Path.cwd(), run_info=info, stage="report", model=name,
+                                   device=resolve_device("auto")) as run:
+            for path in (REPORT, METRICS, PER_IMAGE):
+                run.log_artifact(path, "report")
+            run.log_artifact(FIGURES_DIR, "report/comparison")
 
 
 def draw_figures(architectures: dict[str, str], rows: list[dict], sets: dict) -> list[Path]:

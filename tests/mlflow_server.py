@@ -83,15 +83,24 @@ def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1 with ``sqlite:///<folder>/mlflow.db`` and artifacts
-    proxied to ``<folder>/artifacts``. Use as a context manager or call :meth:`stop`."""
+    proxied to ``<folder>/artifacts``. Use as a context manager or call :meth:`stop`.
 
-    def __init__(self, folder: Path, *, port: int | None = None, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+    With ``admin_password``: MLflow's basic authentication (``--app-name basic-auth``, as the
+    README's shared-server recipe), its user store in ``<folder>/basic_auth.db``, user ``admin``
+    with that password, ``default_permission = EDIT``; every request but ``/health`` then needs
+    credentials (HTTP 401 without). Needs Flask-WTF (the dev extra).
+    """
+
+    def __init__(self, folder: Path, *, port: int | None = None, timeout_s: float = SERVER_START_TIMEOUT_S,
+                 admin_password: str | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.folder / "server.log"
         env = clean_env()
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(name, None)
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner (huey) workers
         mlflow = Path(sys.executable).parent / "mlflow"
         command = [
@@ -100,6 +109,17 @@ class MlflowServer:
             "--artifacts-destination", (self.folder / "artifacts").as_uri(),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
+        if admin_password is not None:
+            import secrets
+
+            config = self.folder / "basic_auth.ini"
+            config.write_text(
+                "[mlflow]\ndefault_permission = EDIT\nadmin_username = admin\n"  # as the README's recipe
+                f"database_uri = sqlite:///{(self.folder / 'basic_auth.db').as_posix()}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            env.update({"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+                        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+            command += ["--app-name", "basic-auth"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.process = subprocess.Popen(command, cwd=self.folder, env=env, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -169,13 +189,19 @@ def tracking_server(tmp_path: Path):
 
 
 def rest(base_url: str, endpoint: str, query: dict | None = None, body: dict | None = None,
-         timeout_s: float = 10.0) -> dict:
-    """GET (or POST ``body`` as JSON) ``<base_url>/api/2.0/mlflow/<endpoint>``; the decoded JSON."""
+         timeout_s: float = 10.0, auth: tuple[str, str] | None = None) -> dict:
+    """GET (or POST ``body`` as JSON) ``<base_url>/api/2.0/mlflow/<endpoint>``; the decoded JSON.
+    ``auth``: (user, password) sent as HTTP basic authentication."""
+    import base64
+
     url = f"{base_url.rstrip('/')}/api/2.0/mlflow/{endpoint}"
     if query:
         url += "?" + urllib.parse.urlencode(query, doseq=True)
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return json.loads(response.read())
 

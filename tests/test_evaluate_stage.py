@@ -31,14 +31,15 @@ STAGES = REPO_ROOT / "stages"
 MODELS = {"vdsr": ModelConfig("vdsr", 3, 4), "srcnn": ModelConfig("srcnn", 3, 4)}
 
 
-def stage_env() -> dict[str, str]:
-    outside = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "MLFLOW_EXPERIMENT_NAME")
+def stage_env(**extra: str) -> dict[str, str]:
+    outside = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME", "VDSR_PIPELINE_RUN_ID")
     env = {k: v for k, v in os.environ.items() if k not in outside}
-    return env | {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    return env | {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"} | extra
 
 
-def run_stage(workspace: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
-    return run_child([sys.executable, str(STAGES / f"{stage}.py"), *args], cwd=workspace, env=stage_env(), timeout=300)
+def run_stage(workspace: Path, stage: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_child([sys.executable, str(STAGES / f"{stage}.py"), *args], cwd=workspace, env=env or stage_env(),
+                     timeout=300)
 
 
 def check(result: subprocess.CompletedProcess) -> None:
@@ -77,8 +78,10 @@ def test_evaluate_stage_scores_every_image_and_completes_the_run(workspace: Path
     assert results["threads"] >= 1 and results["device"] == "cpu"
 
     run_info = json.loads((workspace / "models" / "vdsr.mlflow_run.json").read_text())
-    assert results["mlflow_run"] == run_info
-    client = MlflowClient(run_info["tracking_uri"])
+    assert run_info["tracking_uri"] == "sqlite:///mlflow.db"  # relative to the repository: no machine path
+    assert results["mlflow_run"] == {"run_id": run_info["run_id"], "started_run_id": run_info["run_id"],
+                                     "tracking_uri": "sqlite:///mlflow.db", "training_run_id": run_info["run_id"]}
+    client = MlflowClient(tracking.reachable_uri(run_info["tracking_uri"], workspace))
     run = client.get_run(run_info["run_id"])
     assert run.info.status == "FINISHED"
     table = summary(results["sets"]["Set5"])
@@ -138,10 +141,75 @@ def test_report_stage_writes_table_per_image_scores_gains_and_panels(workspace: 
         assert figure.mode == "RGB" and figure.width == 4 * 96 * 3 + 3 * 8
     for name in MODELS:
         run_info = json.loads((workspace / "models" / f"{name}.mlflow_run.json").read_text())
-        client = MlflowClient(run_info["tracking_uri"])
+        client = MlflowClient(tracking.reachable_uri(run_info["tracking_uri"], workspace))
         found = {a.path for a in client.list_artifacts(run_info["run_id"], "report")}
         assert {"report/results.md", "report/eval.json", "report/per_image.csv", "report/comparison"} <= found
         assert client.get_run(run_info["run_id"]).info.status == "FINISHED"
+
+
+def artifact_text(client: MlflowClient, run_id: str, path: str, tmp: Path) -> str:
+    return Path(client.download_artifacts(run_id, path, str(tmp))).read_text()
+
+
+def test_an_experiment_that_skips_a_model_leaves_the_earlier_run_as_it_was(workspace: Path, tmp_path: Path) -> None:
+    """Two DVC experiments as the stages see them: the first (the workspace) evaluates and reports
+    both models; the second (``DVC_EXP_NAME=second``) retrains VDSR only, so SRCNN's files are still
+    the first's. The second's report must not rewrite SRCNN's run of the first: it gets a new run.
+    A report run again, and an evaluation of a model file from another run, get new runs too."""
+    client = MlflowClient(tracking.reachable_uri("sqlite:///mlflow.db", workspace))
+    check(run_stage(workspace, "baseline"))
+    for name in MODELS:
+        check(run_stage(workspace, "evaluate", name))
+    check(run_stage(workspace, "report"))
+    first = {name: json.loads((workspace / "models" / f"{name}.mlflow_run.json").read_text())["run_id"] for name in MODELS}
+    srcnn = client.get_run(first["srcnn"])
+    srcnn_report = artifact_text(client, first["srcnn"], "report/results.md", tmp_path / "before")
+    assert srcnn_report == (workspace / "reports" / "results.md").read_text()
+
+    # The second experiment: train@vdsr ran (a new model and run), train@srcnn and evaluate@srcnn did not.
+    second = stage_env(DVC_EXP_NAME="second", VDSR_PIPELINE_RUN_ID="pipeline-2")
+    torch.manual_seed(1)
+    run = tracking.start_run(repo_root=workspace, params={"train": {"model": "vdsr"}}, tags={"dvc.exp_name": "second"})
+    run.end()
+    save_model(workspace / "models" / "vdsr.pt", build_model(MODELS["vdsr"]), MODELS["vdsr"],
+               {"epochs": 1, "mlflow_run_id": run.run_id})
+    (workspace / "models" / "vdsr.mlflow_run.json").write_text(json.dumps(run.record()))
+    check(run_stage(workspace, "evaluate", "vdsr", env=second))
+    report = run_stage(workspace, "report", env=second)
+    check(report)
+
+    after = client.get_run(first["srcnn"])  # untouched: report, end time, tags
+    assert artifact_text(client, first["srcnn"], "report/results.md", tmp_path / "after") == srcnn_report
+    assert (after.info.end_time, after.data.tags, after.data.metrics) == (srcnn.info.end_time, srcnn.data.tags,
+                                                                           srcnn.data.metrics)
+    assert f"run {first['srcnn']} belongs to the workspace (no DVC experiment), not to DVC experiment 'second': " \
+           "starting a new run for the report of srcnn" in report.stderr, report.stderr
+    new_report = (workspace / "reports" / "results.md").read_text()
+    assert new_report != srcnn_report
+    experiment = srcnn.info.experiment_id
+    [new] = client.search_runs([experiment], "tags.`pipeline.source_run_id` = '%s'" % first["srcnn"])
+    assert new.info.run_name == "second/srcnn/report" and new.info.status == "FINISHED"
+    assert new.data.tags["dvc.exp_name"] == "second" and new.data.tags["pipeline.run_id"] == "pipeline-2"
+    assert new.data.tags["stage"] == "report" and new.data.tags["pipeline.model"] == "srcnn"
+    assert new.data.params["train.model"] == "srcnn"  # the params of the run it stands beside
+    assert artifact_text(client, new.info.run_id, "report/results.md", tmp_path / "new") == new_report
+    # VDSR's run is the second experiment's own: evaluated and reported there, no extra run
+    vdsr = client.get_run(run.run_id)
+    assert vdsr.data.tags["pipeline.evaluate.run_id"] == vdsr.data.tags["pipeline.report.run_id"] == "pipeline-2"
+    assert artifact_text(client, run.run_id, "report/results.md", tmp_path / "vdsr") == new_report
+    assert len(client.search_runs([experiment])) == 4
+
+    # The same report again (another pipeline run): VDSR's run already holds one, so a new run.
+    again = run_stage(workspace, "report", env=stage_env(DVC_EXP_NAME="second", VDSR_PIPELINE_RUN_ID="pipeline-3"))
+    check(again)
+    assert f"run {run.run_id} already holds the report results of pipeline run pipeline-2" in again.stderr
+    assert artifact_text(client, run.run_id, "report/results.md", tmp_path / "vdsr2") == new_report
+    # A model file trained in another run than models/vdsr.mlflow_run.json names: a new evaluation run.
+    (workspace / "models" / "vdsr.mlflow_run.json").write_text(json.dumps({**run.record(), "run_id": first["vdsr"]}))
+    mismatch = run_stage(workspace, "evaluate", "vdsr")
+    check(mismatch)
+    assert f"the model file was trained in run {run.run_id}, not in run {first['vdsr']}" in mismatch.stderr
+    assert json.loads((workspace / "results" / "vdsr.json").read_text())["mlflow_run"]["run_id"] not in first.values()
 
 
 def test_crops_and_tiles_equal_whole_image_inference(workspace: Path) -> None:

@@ -55,6 +55,11 @@ def assert_complete_run(client: MlflowClient, run, name: str, lr: str) -> None:
     assert {"eval/Set5/x2/psnr", "eval/Set5/x2/ssim"} <= set(run.data.metrics), run.data.metrics
 
 
+def artifact_text(client: MlflowClient, run_id: str, path: str, folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, path, str(folder))).read_text()
+
+
 def readme_command(prefix: str) -> list[str]:
     """The command of README.md that starts with ``prefix``, split as a shell would (no shell)."""
     import shlex
@@ -238,9 +243,10 @@ def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
     assert {name: shown[name]["lr"] for name in experiments} == {k: float(v) for k, v in experiments.items()}, shown
 
 
-def test_two_models_side_by_side_and_one_changed(tiny_repo):
+def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
     """SRCNN and VDSR in one pipeline: ``dvc repro`` trains and evaluates both (two MLflow runs
     with one pipeline.run_id), ``-S train.srcnn...`` re-runs SRCNN's stages and the report only,
+    leaving VDSR's run of the commit as it was (the experiment's report of VDSR goes to a new run),
     and both models' numbers are in ``dvc metrics diff`` and ``dvc exp show``."""
     srcnn = {"model": "srcnn", "depth": 3, "width": 8, "optimizer": "adam", "lr": 1.0e-3, "momentum": 0.9,
              "weight_decay": 0.0, "lr_step_epochs": 20, "lr_gamma": 0.1, "epochs": 2, "steps_per_epoch": 10,
@@ -260,11 +266,32 @@ def test_two_models_side_by_side_and_one_changed(tiny_repo):
     assert "| Set5 | x2 | 33.66 / 0.9299 |" in report and "gains most and least" in report
     run_checked(["git", "add", "-A"], repo, env)
     run_checked(["git", "commit", "-qm", "both models"], repo, env)
+    for name in ("vdsr", "srcnn"):  # the committed hand-over files name the store without a machine path
+        assert json.loads((repo / f"models/{name}.mlflow_run.json").read_text())["tracking_uri"] == "sqlite:///mlflow.db"
+    baseline = {run.data.tags["pipeline.model"]: run for run in runs}
+    vdsr_report = artifact_text(client, baseline["vdsr"].info.run_id, "report/results.md", tmp_path / "a")
+    assert vdsr_report == report
 
     changed = run_checked(["dvc", "exp", "run", "-n", "srcnn-lr", "-S", "train.srcnn.lr=0.002"], repo, env,
                           timeout=EXP_TIMEOUT_S)
     ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
     assert ran == {"train@srcnn", "evaluate@srcnn", "report"}, changed.stdout[-3000:]
+    # VDSR's stages were skipped: its run of the committed pipeline is left as it was, and the
+    # experiment's report goes to a new run of its own beside it.
+    vdsr_id = baseline["vdsr"].info.run_id
+    after = client.get_run(vdsr_id)
+    assert (after.info.end_time, after.data.tags) == (baseline["vdsr"].info.end_time, baseline["vdsr"].data.tags)
+    assert artifact_text(client, vdsr_id, "report/results.md", tmp_path / "b") == vdsr_report
+    assert (f"run {vdsr_id} belongs to the workspace (no DVC experiment), not to DVC experiment 'srcnn-lr': "
+            "starting a new run for the report of vdsr") in changed.stdout + changed.stderr
+    _, runs = store_runs(repo)
+    mine = {run.info.run_name: run for run in runs if run.data.tags.get("dvc.exp_name") == "srcnn-lr"}
+    assert sorted(mine) == ["srcnn-lr/srcnn", "srcnn-lr/vdsr/report"], sorted(mine)
+    assert mine["srcnn-lr/vdsr/report"].data.tags["pipeline.source_run_id"] == vdsr_id
+    new_report = (repo / "reports/results.md").read_text()
+    assert new_report != vdsr_report
+    for run in mine.values():
+        assert artifact_text(client, run.info.run_id, "report/results.md", tmp_path / run.info.run_id) == new_report
     diff = json.loads(run_checked(["dvc", "metrics", "diff", "--json"], repo, env).stdout)  # {file: {key: {old, new, diff}}}
     assert "Set5.x2.srcnn.psnr" in diff["metrics/eval.json"] and "Set5.x2.vdsr.psnr" not in diff["metrics/eval.json"]
     shown = json.dumps(json.loads(run_checked(["dvc", "exp", "show", "--json"], repo, env).stdout))

@@ -32,7 +32,7 @@ PARAMS = {"train": {"lr": 0.1, "seed": 0, "model": "vdsr"}, "evaluate": {"sets":
 def test_run_in_a_sqlite_store_logs_and_resumes(tmp_path: Path) -> None:
     run = tracking.start_run(repo_root=tmp_path, params=PARAMS, tags={"purpose": "test"})
     assert run.run_id is not None
-    assert run.tracking_uri == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
+    assert run.tracking_uri == "sqlite:///mlflow.db"  # as written to models/<name>.mlflow_run.json: no machine path
     for step in (1, 2):
         run.log_metrics({"train/loss": 1.0 / step, "val/psnr_x2": 30.0 + step}, step=step)
     report = tmp_path / "results.md"
@@ -41,7 +41,7 @@ def test_run_in_a_sqlite_store_logs_and_resumes(tmp_path: Path) -> None:
     run.set_tags({"device": "cpu"})
     run.end()
 
-    client = MlflowClient(run.tracking_uri)
+    client = MlflowClient(tracking.reachable_uri(run.tracking_uri, tmp_path))
     logged = client.get_run(run.run_id)
     assert logged.info.status == "FINISHED"
     assert logged.data.params == {
@@ -68,7 +68,7 @@ def test_experiment_name_from_environment(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ablation")
     run = tracking.start_run(repo_root=tmp_path, params={}, tags={})
     run.end()
-    client = MlflowClient(run.tracking_uri)
+    client = MlflowClient(tracking.reachable_uri(run.tracking_uri, tmp_path))
     assert client.get_experiment(client.get_run(run.run_id).info.experiment_id).name == "ablation"
 
 
@@ -206,7 +206,7 @@ def test_missing_artifact_is_skipped_but_tracking_stays_on(tmp_path: Path) -> No
     assert run.run_id is not None
     run.log_metrics({"x": 1.0})
     run.end()
-    assert MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics == {"x": 1.0}
+    assert MlflowClient(tracking.reachable_uri(run.tracking_uri, tmp_path)).get_run(run.run_id).data.metrics == {"x": 1.0}
 
 
 def test_invalid_metric_names_are_skipped_but_tracking_stays_on(tmp_path: Path) -> None:
@@ -214,7 +214,7 @@ def test_invalid_metric_names_are_skipped_but_tracking_stays_on(tmp_path: Path) 
     run.log_metrics({"val psnr (x2)": 30.0, "/abs": 1.0, "eval/Set5/x2/psnr": 31.0})
     assert run.run_id is not None
     run.end()
-    assert MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics == {"eval/Set5/x2/psnr": 31.0}
+    assert MlflowClient(tracking.reachable_uri(run.tracking_uri, tmp_path)).get_run(run.run_id).data.metrics == {"eval/Set5/x2/psnr": 31.0}
     assert run._not_logged == {"metric values (bad names)": 2}
 
 
@@ -287,3 +287,83 @@ def test_flatten_params() -> None:
     assert tracking.flatten_params({"a": {"b": {"c": 1}, "d": [2, 3]}, "e": True}) == {
         "a.b.c": "1", "a.d": "[2, 3]", "e": "True"
     }
+
+
+def test_public_uri_takes_out_credentials_and_machine_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "repo"
+    cases = {
+        "http://alice:s3cret-t0ken@mlflow.example.org:5000/": "http://mlflow.example.org:5000/",
+        "https://t0ken-only@mlflow.example.org/x?token=abc&workspace=1": "https://mlflow.example.org/x?token=***&workspace=1",
+        "postgresql+psycopg2://bob:pw%40db@db.example.org:5432/mlflow": "postgresql+psycopg2://db.example.org:5432/mlflow",
+        f"sqlite:///{repo.as_posix()}/mlflow.db": "sqlite:///mlflow.db",
+        f"sqlite:///{repo.as_posix()}/sub/m.db?timeout=20": "sqlite:///sub/m.db?timeout=20",
+        f"sqlite:///{tmp_path.as_posix()}/elsewhere.db": "sqlite:///<outside the repository>/elsewhere.db",
+        "sqlite:///mlflow.db": "sqlite:///mlflow.db",
+        (repo / "mlruns").as_uri(): "file:mlruns",
+        "databricks://profile": "databricks://profile",
+    }
+    for uri, public in cases.items():
+        assert tracking.public_uri(uri, repo) == public, uri
+    monkeypatch.setenv("DVC_ROOT", str(repo))  # an experiment copy: paths relative to the user's repository
+    assert tracking.public_uri(f"sqlite:///{repo.as_posix()}/mlflow.db", repo / ".dvc/tmp/exps/tmp1") == "sqlite:///mlflow.db"
+    assert tracking.reachable_uri("sqlite:///mlflow.db", repo / ".dvc/tmp/exps/tmp1") == f"sqlite:///{repo.resolve().as_posix()}/mlflow.db"
+    assert tracking.reachable_uri("file:mlruns", repo) == (repo.resolve() / "mlruns").as_uri()
+    with pytest.raises(ValueError, match="outside the repository"):
+        tracking.reachable_uri("sqlite:///<outside the repository>/elsewhere.db", repo)
+    message = "API request to http://alice:s3cret-t0ken@127.0.0.1:5/api/2.0/mlflow/runs/get failed"
+    assert tracking.redact(message) == "API request to http://127.0.0.1:5/api/2.0/mlflow/runs/get failed"
+
+
+def test_credentials_in_the_uri_go_to_mlflows_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret%2Ft0ken@127.0.0.1:5000")
+    caplog.set_level(logging.INFO, logger="vdsr.tracking")
+    assert tracking.default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "s3cret/t0ken")
+    assert "s3cret" not in caplog.text
+    run = tracking.Run(None, "http://t0ken-only@127.0.0.1:1", reason="failed: http://t0ken-only@127.0.0.1:1/api")
+    assert run.tracking_uri == "http://127.0.0.1:1" and "t0ken" not in run.reason and "t0ken" not in caplog.text
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://t0ken-only@127.0.0.1:5000")  # a lone token stays in the URI
+    assert tracking.default_tracking_uri(tmp_path) == "http://t0ken-only@127.0.0.1:5000"
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # MLflow's "View run at" would show it
+
+
+def test_logged_model_holds_no_machine_path(tmp_path: Path) -> None:
+    """MLflow writes the local store's folder into MLmodel (``artifact_path: file:///...``) and
+    torch.export keeps each node's source location (torch in the venv, vdsr/models.py): neither
+    may be in a logged model, which is shared like any file. The model still loads and runs."""
+    import zipfile
+
+    import mlflow
+    import mlflow.pytorch
+
+    from vdsr.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("vdsr", 3, 4)).eval()
+    repo = tmp_path / "repo"
+    with tracking.start_run(repo_root=repo, params={}, tags={}) as run:
+        run.log_model(model, np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32))
+    assert not run._not_logged
+    [folder] = [p.parent for p in (repo / "mlartifacts").rglob("MLmodel")]
+    paths = {str(Path(__file__).resolve().parents[1]), sys.prefix, str(Path(torch.__file__).parents[1]),
+             str(Path(mlflow.__file__).parent), str(tmp_path), str(tmp_path.resolve())}
+    found = []
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        parts = [(path.name, path.read_bytes())]
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                parts += [(f"{path.name}!{name}", archive.read(name)) for name in archive.namelist()]
+        found += [(name, p) for name, data in parts for p in paths if p.encode() in data]
+    assert found == []
+    import yaml
+
+    assert "artifact_path" not in yaml.safe_load((folder / "MLmodel").read_text())  # the store's folder
+    mlflow.set_tracking_uri(tracking.default_tracking_uri(repo))
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
+    x = torch.rand(3, 1, 21, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

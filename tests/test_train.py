@@ -332,7 +332,7 @@ def test_stage_end_to_end(data, tmp_path):
     assert {"train_loss", "val_psnr_x2", "val_psnr_x3", "epochs", "wall_time_s", "patches_per_s"} <= set(metrics)
     assert metrics["epochs"] == 2
     run = json.loads((tmp_path / "models" / "vdsr.mlflow_run.json").read_text())
-    assert run["run_id"] and run["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
+    assert run["run_id"] and run["tracking_uri"] == "sqlite:///mlflow.db"  # relative: no machine path
     model, config, meta = load_model(tmp_path / "models" / "vdsr.pt")
     assert config == ModelConfig("vdsr", 3, 8)
     assert meta["mlflow_run_id"] == run["run_id"] and meta["seed"] == section["seed"] and meta["epochs"] == 2
@@ -341,7 +341,7 @@ def test_stage_end_to_end(data, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=run["tracking_uri"])
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     logged = client.get_run(run["run_id"])
     assert logged.info.status == "FINISHED"
     assert logged.data.params["train.lr"] == str(section["lr"])

@@ -37,7 +37,9 @@ import re
 import subprocess
 import tempfile
 import time
+import types
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,10 +94,130 @@ def store_root(repo_root: Path) -> Path:
 
 
 def default_tracking_uri(repo_root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<store root>/mlflow.db``."""
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<store root>/mlflow.db``.
+
+    A user name and password in an HTTP(S) ``MLFLOW_TRACKING_URI`` (``http://user:token@host``)
+    are moved to ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` of this process
+    (:func:`_credentials_to_env`), so that neither MLflow nor this module ever sees them in a URI.
+    """
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return _credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
     return f"sqlite:///{(store_root(repo_root) / STORE_FILE).as_posix()}"
+
+
+# --- URIs as they are stored and printed --------------------------------------------------------
+
+OUTSIDE_REPO = "<outside the repository>"  # stands for the folders of a path outside the store root
+_SECRET_QUERY_KEY = re.compile(r"token|secret|pass|pwd|key|auth|sig|cred", re.IGNORECASE)
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^\s/?#]*@")  # scheme://user:password@
+
+
+def _credentials_to_env(uri: str) -> str:
+    """``uri`` without its ``user:password@``, which go to ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (and the cleaned URI to ``MLFLOW_TRACKING_URI``) of this process.
+
+    Only for HTTP(S) with both a user and a password: MLflow sends basic auth from those variables
+    (``mlflow.utils.rest_utils``), and the URI's credentials win over ones already there, as they
+    did when requests took them from the URI. A database URI (``postgresql://user:pw@host/db``)
+    keeps them (SQLAlchemy needs them there); :func:`public_uri` takes them out of what is shown.
+    A lone token (``http://token@host``) stays too, and MLflow is told not to print run URLs
+    (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``), which would show it.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not (user and colon and password):
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        return uri
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(user)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(password)
+    os.environ["MLFLOW_TRACKING_URI"] = clean
+    log.info("mlflow: the user name and password in MLFLOW_TRACKING_URI are sent as MLFLOW_TRACKING_USERNAME / "
+             "MLFLOW_TRACKING_PASSWORD (set those instead of putting them in the URI: README)")
+    return clean
+
+
+def public_uri(uri: str | None, repo_root: Path | None = None) -> str | None:
+    """``uri`` as it may be written to a committed file or a log line: the only form this project
+    stores or prints. The one place that cleans URIs.
+
+    - no user info (``user:password@`` of any scheme), and query values whose key looks like a
+      secret (``token``, ``password``, ``key``, ``sig``...) as ``***``;
+    - a local store's path (``sqlite:///...``, ``file:///...``, a plain path) relative to the store
+      root (:func:`store_root` of ``repo_root``, default the working directory), which
+      :func:`reachable_uri` resolves again: ``sqlite:///mlflow.db``; a path outside it as
+      ``<outside the repository>/<file name>``.
+    """
+    if not uri:
+        return uri
+    root = store_root(Path.cwd() if repo_root is None else Path(repo_root))
+    if uri.startswith("sqlite:///"):  # SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
+        path, mark, query = uri.removeprefix("sqlite:///").partition("?")
+        if path.startswith("/"):
+            path = _portable_path(path, root)
+        return f"sqlite:///{path}" + (mark + _public_query(query) if mark else "")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "file" or (not parts.scheme and uri.startswith("/")):
+        path = urllib.parse.unquote(parts.path)
+        if not path.startswith("/"):
+            return uri
+        return ("file:" if parts.scheme else "") + _portable_path(path, root)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=_public_query(parts.query)))
+
+
+def _portable_path(path: str, root: Path) -> str:
+    """An absolute ``path`` relative to ``root`` when inside it, else ``<outside the repository>/<name>``."""
+    absolute = Path(os.path.normpath(path))
+    for base in dict.fromkeys((root, root.resolve())):
+        if absolute.is_relative_to(base):
+            return absolute.relative_to(base).as_posix()
+    return f"{OUTSIDE_REPO}/{absolute.name}"
+
+
+def _public_query(query: str) -> str:
+    if not query:
+        return query
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    return urllib.parse.urlencode([(k, "***" if _SECRET_QUERY_KEY.search(k) else v) for k, v in pairs], safe="*")
+
+
+def redact(text: str) -> str:
+    """``text`` (an error message, a log line) with the user info of every URI in it taken out,
+    and the password of ``MLFLOW_TRACKING_PASSWORD`` replaced by ``***`` wherever it appears."""
+    text = _USERINFO.sub(r"\1", text)
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return text.replace(password, "***") if password and len(password) >= 4 else text
+
+
+def reachable_uri(stored: str | None, repo_root: Path) -> str:
+    """The URI to reach the store that ``stored`` (a :func:`public_uri`, as written by the train
+    stage) names, credentials from the environment.
+
+    The current store (:func:`default_tracking_uri`) when ``stored`` is its public form, or when
+    nothing is stored; a relative local path resolved against the store root; an HTTP(S) URI as it
+    is (MLflow adds ``MLFLOW_TRACKING_USERNAME`` / ``PASSWORD``); an older file's absolute URI as it
+    is. Raises ``ValueError`` for a store outside the repository that is not the current one.
+    """
+    repo_root = Path(repo_root)
+    current = default_tracking_uri(repo_root)
+    if not stored or public_uri(current, repo_root) == stored:
+        return current
+    if OUTSIDE_REPO in stored:
+        raise ValueError(f"the run was logged to a store outside the repository ({stored}), and MLFLOW_TRACKING_URI "
+                         f"names another one ({public_uri(current, repo_root)}); set it to that store")
+    root = store_root(repo_root)
+    if stored.startswith("sqlite:///") and not stored.startswith("sqlite:////"):
+        path, mark, query = stored.removeprefix("sqlite:///").partition("?")
+        return f"sqlite:///{(root / path).as_posix()}{mark}{query}"
+    if stored.startswith("file:") and not stored.startswith("file:/"):
+        return (root / stored.removeprefix("file:")).as_uri()
+    if ":" not in stored and not stored.startswith("/"):  # a plain relative path (a file store)
+        return (root / stored).as_posix()
+    return stored
 
 
 def experiment_name() -> str:
@@ -121,7 +243,7 @@ def _probe_http(uri: str, timeout_s: float | None = None) -> None:
     auth 401 are MLflow's to report).
     """
     timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
-    url = uri.rstrip("/") + "/health"
+    url = _USERINFO.sub(r"\1", uri).rstrip("/") + "/health"  # urllib would take user info for the host
     try:
         with urllib.request.urlopen(url, timeout=timeout_s):
             pass
@@ -129,7 +251,7 @@ def _probe_http(uri: str, timeout_s: float | None = None) -> None:
         return
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        message = f"cannot reach the tracking server {uri} ({reason}; probe timeout {timeout_s:g} s)"
+        message = f"cannot reach the tracking server {public_uri(uri)} ({reason}; probe timeout {timeout_s:g} s)"
         raise ConnectionError(message) from None
 
 
@@ -344,6 +466,38 @@ def _system_metrics_available() -> bool:
 # --- the run ------------------------------------------------------------------------------------
 
 
+def _save_portable_pytorch_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
+    """``mlflow.pytorch.save_model`` into ``path`` (a temporary folder of ``Model.log``, before the
+    upload), then without this machine's paths: the ``torch.export`` graph keeps each node's
+    ``stack_trace`` (absolute paths of torch in the venv and of ``vdsr/models.py``): dropped, and
+    MLmodel's ``artifact_path`` (the store's folder, ``file:///...``, for a local store): left out.
+    """
+    import mlflow.pytorch
+    import torch
+    from mlflow.utils.file_utils import get_total_file_size
+
+    mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+    pt2 = Path(path) / "data" / "model.pt2"
+    program = torch.export.load(pt2)  # the file just written here
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop("stack_trace", None)
+    with tempfile.TemporaryDirectory(dir=pt2.parent) as tmp:
+        torch.export.save(program, Path(tmp) / pt2.name)
+        os.replace(Path(tmp) / pt2.name, pt2)
+    location = str(mlflow_model.artifact_path or "")
+    if location.startswith(("file:", "/")):
+        mlflow_model.artifact_path = None  # MLflow leaves the key out (Model.to_dict)
+    mlflow_model.model_size_bytes = get_total_file_size(path)
+    mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+# The flavor that :meth:`Run.log_model` hands to ``mlflow.models.Model.log``: its files are
+# mlflow.pytorch's, loaded by mlflow.pytorch (MLmodel says so), without absolute paths.
+PORTABLE_PYTORCH = types.SimpleNamespace(__name__="mlflow.pytorch", save_model=_save_portable_pytorch_model)
+
+
 def _valid_metric_name(name: str) -> bool:
     """MLflow's rule (``mlflow.utils.validation``): ``[/\\w.\\- :]+`` that is its own normalised path."""
     if not re.fullmatch(r"[/\w.\- :]+", name):
@@ -355,18 +509,38 @@ class Run:
     """An MLflow run that turns into a no-op on the first failure instead of raising.
 
     ``run_id`` is None when tracking is unavailable. Also a context manager: ``end("FAILED")`` on
-    an exception, ``end()`` otherwise.
+    an exception (``end()`` for a run ``reopened`` by a later stage: its failure is not the
+    training's), ``end()`` otherwise.
+
+    ``tracking_uri`` is the store's :func:`public_uri` (no credentials, no machine path): what
+    callers write to files and logs. The URI used to reach the store stays private.
     """
 
-    def __init__(self, run_id: str | None, tracking_uri: str, *, reason: str | None = None) -> None:
+    def __init__(self, run_id: str | None, tracking_uri: str, *, reason: str | None = None,
+                 reopened: bool = False, repo_root: Path | None = None) -> None:
         self.run_id = run_id
         self.started_run_id = run_id  # kept when tracking fails later: the partial run on the store
-        self.tracking_uri = tracking_uri
-        self.reason = reason  # why tracking is off, when it is
+        self._uri = tracking_uri
+        self._root = repo_root
+        self.reopened = reopened  # an earlier stage's run, continued
+        self.reason = None if reason is None else redact(reason)  # why tracking is off, when it is
         self._not_logged: dict[str, int] = {}
         self._ended = False
         if run_id is None:
             self._warn_disabled()
+
+    @property
+    def tracking_uri(self) -> str:
+        """The store, as it may be written to a committed file or printed (:func:`public_uri`)."""
+        return public_uri(self._uri, self._root)
+
+    @tracking_uri.setter
+    def tracking_uri(self, uri: str) -> None:
+        self._uri = uri
+
+    def record(self) -> dict[str, str | None]:
+        """``{"run_id", "started_run_id", "tracking_uri"}``, the form of ``models/<name>.mlflow_run.json``."""
+        return {"run_id": self.run_id, "started_run_id": self.started_run_id, "tracking_uri": self.tracking_uri}
 
     @property
     def active(self) -> bool:
@@ -402,7 +576,7 @@ class Run:
     def _disable(self, reason: str) -> None:
         """Turn into a no-op run: warn once, and let go of MLflow's process-wide state for the run
         without contacting the store again (it is what just failed)."""
-        run_id, self.run_id, self.reason = self.run_id, None, reason
+        run_id, self.run_id, self.reason = self.run_id, None, redact(reason)
         self._warn_disabled()
         try:  # MLflow internals; at worst its atexit hook retries the (bounded) end of the run
             from mlflow.tracking import fluent
@@ -420,7 +594,7 @@ class Run:
     def _client(self) -> Any:
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(tracking_uri=self.tracking_uri)
+        return MlflowClient(tracking_uri=self._uri)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log ``{name: value}`` at ``step``; names may hold ``/``, ``.``, ``-``, ``_``, ``:``, spaces."""
@@ -507,9 +681,13 @@ class Run:
                 outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
             )
             with self._activated():
-                mlflow.pytorch.log_model(
-                    cpu_model,
+                mlflow.models.Model.log(  # what mlflow.pytorch.log_model does, with PORTABLE_PYTORCH for the files
+                    artifact_path=None,
                     name=MODEL_NAME,
+                    flavor=PORTABLE_PYTORCH,
+                    flavor_name="mlflow.pytorch",
+                    pytorch_model=cpu_model,
+                    pickle_module=mlflow.pytorch.pickle_module,  # named in MLmodel; pt2 itself has no pickle
                     input_example=example,
                     signature=signature,
                     serialization_format="pt2",  # torch.export graph: loads without pickle
@@ -524,7 +702,7 @@ class Run:
         """Make this run MLflow's active run in the process (``mlflow.pytorch`` logs to the active run)."""
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_tracking_uri(self._uri)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             yield
@@ -558,11 +736,13 @@ class Run:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.end("FAILED" if exc_type is not None else "FINISHED")
+        self.end("FAILED" if exc_type is not None and not self.reopened else "FINISHED")
 
 
-def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: str | None = None) -> Run:
-    """Start a run in experiment :func:`experiment_name` of the store :func:`default_tracking_uri`.
+def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: str | None = None,
+              tracking_uri: str | None = None) -> Run:
+    """Start a run in experiment :func:`experiment_name` of the store :func:`default_tracking_uri`
+    (or ``tracking_uri``, a URI to reach: :func:`reachable_uri`).
 
     Logs ``params`` flattened (``train.lr``), ``tags`` and system metrics (CPU, memory, GPU when
     nvidia-ml-py is installed). The run is named ``run_name``, else after the DVC experiment when
@@ -570,7 +750,7 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: 
     Never raises for tracking problems: returns a no-op :class:`Run` and warns instead.
     """
     repo_root = Path(repo_root)
-    uri = default_tracking_uri(repo_root)
+    uri = tracking_uri or default_tracking_uri(repo_root)
     try:
         import mlflow
 
@@ -585,15 +765,15 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: 
             nested=mlflow.active_run() is not None,
         )
     except Exception as error:  # noqa: BLE001  (tracking must never stop training)
-        run = Run(None, uri, reason=f"{type(error).__name__}: {error}")
+        run = Run(None, uri, reason=f"{type(error).__name__}: {error}", repo_root=repo_root)
         for what, count in (("params", len(flatten_params(params))), ("tags", len(tags))):
             if count:  # listed at the end with everything else that was not logged
                 run._skip(what, count)
         return run
-    run = Run(active.info.run_id, uri)
+    run = Run(active.info.run_id, uri, repo_root=repo_root)
     run.log_params(params)
-    log.info("mlflow: run %s in experiment %r (%s); dashboard %s", run.run_id, experiment_name(), uri,
-             dashboard_url(uri, experiment_id, run.run_id))
+    log.info("mlflow: run %s in experiment %r (%s); dashboard %s", run.run_id, experiment_name(), run.tracking_uri,
+             dashboard_url(run.tracking_uri, experiment_id, run.run_id))
     return run
 
 
@@ -602,35 +782,123 @@ def dashboard_url(uri: str, experiment_id: str, run_id: str | None = None) -> st
 
     MLflow 3.17's UI picks GenAI or model-training pages from its ``workflowType`` URL parameter,
     then remembers it in the browser (earlier 3.x from the experiment's :data:`EXPERIMENT_KIND_TAG`).
-    A SQLite store is shown by ``mlflow ui`` at its default address (README).
+    A SQLite store is shown by ``mlflow ui`` at its default address (README). ``uri``'s user
+    info is left out (:func:`public_uri`).
     """
+    uri = public_uri(uri) or ""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     page = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     return f"{base}/#{page}?workflowType=machine_learning"
 
 
+def _no_run(run_id: str | None, started_run_id: str | None, uri: str, repo_root: Path) -> Run | None:
+    """The no-op Run for a train stage that left no run to continue, else None."""
+    if run_id is None and started_run_id:
+        reason = f"the train stage lost its MLflow run {started_run_id} mid-way (it holds the epochs logged before)"
+        run = Run(None, uri, reason=reason, repo_root=repo_root)
+        run.started_run_id = started_run_id  # handed on (results/<name>.json), so the report says the same
+        return run
+    if run_id is None:
+        return Run(None, uri, reason="the train stage logged no MLflow run (run id is null)", repo_root=repo_root)
+    return None
+
+
+def _check_store(uri: str) -> None:
+    """Raise unless the store at ``uri`` can be reached (bounded) and exists; never creates one."""
+    if uri.startswith(("http://", "https://")):
+        bound_http_retries()
+        _probe_http(uri)
+    db_path = _sqlite_path(uri)
+    if db_path is not None and not db_path.is_file():  # do not create an empty store
+        raise FileNotFoundError(f"no MLflow store at {public_uri(uri)}")
+
+
+def _reopen(run_id: str, uri: str, repo_root: Path) -> Run:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    run = Run(run_id, uri, reopened=True, repo_root=repo_root)
+    log.info("mlflow: resumed run %s (%s)", run_id, run.tracking_uri)
+    return run
+
+
 def resume_run(
     *, repo_root: Path, run_id: str | None, tracking_uri: str | None = None, started_run_id: str | None = None
 ) -> Run:
-    """Reopen run ``run_id`` (from the train stage) to add evaluation results; no-op Run if impossible."""
-    uri = tracking_uri or default_tracking_uri(Path(repo_root))
-    if run_id is None and started_run_id:
-        reason = f"the train stage lost its MLflow run {started_run_id} mid-way (it holds the epochs logged before)"
-        return Run(None, uri, reason=reason)
-    if run_id is None:
-        return Run(None, uri, reason="the train stage logged no MLflow run (run id is null)")
+    """Reopen run ``run_id`` whatever it holds; no-op Run if impossible. The stages use
+    :func:`continue_run`, which reopens only a run of this experiment."""
+    repo_root = Path(repo_root)
+    stored = tracking_uri or default_tracking_uri(repo_root)
+    missing = _no_run(run_id, started_run_id, stored, repo_root)
+    if missing is not None:
+        return missing
     try:
-        import mlflow
-
-        if uri.startswith(("http://", "https://")):
-            bound_http_retries()
-            _probe_http(uri)
-        db_path = _sqlite_path(uri)
-        if db_path is not None and not db_path.is_file():  # do not create an empty store
-            raise FileNotFoundError(f"no MLflow store at {db_path}")
-        mlflow.set_tracking_uri(uri)
-        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+        uri = reachable_uri(tracking_uri, repo_root)
+        _check_store(uri)
+        return _reopen(run_id, uri, repo_root)
     except Exception as error:  # noqa: BLE001
-        return Run(None, uri, reason=f"cannot resume run {run_id}: {type(error).__name__}: {error}")
-    log.info("mlflow: resumed run %s (%s)", run_id, uri)
-    return Run(run_id, uri)
+        return Run(None, stored, reason=f"cannot resume run {run_id}: {type(error).__name__}: {error}", repo_root=repo_root)
+
+
+def _describe_experiment(name: str | None) -> str:
+    return f"DVC experiment {name!r}" if name else "the workspace (no DVC experiment)"
+
+
+def _foreign(run: Any, stage: str, pipeline_id: str, model_run_id: str | None) -> str | None:
+    """Why ``run`` is not this experiment's to add the results of ``stage`` to; None when it is."""
+    tags, run_id = run.data.tags, run.info.run_id
+    here, there = os.environ.get("DVC_EXP_NAME") or None, run.data.tags.get("dvc.exp_name") or None
+    if model_run_id and model_run_id != run_id:
+        return f"the model file was trained in run {model_run_id}, not in run {run_id}"
+    if here != there:
+        return f"run {run_id} belongs to {_describe_experiment(there)}, not to {_describe_experiment(here)}"
+    done = tags.get(f"pipeline.{stage}.run_id")
+    if done and done != pipeline_id:
+        return f"run {run_id} already holds the {stage} results of pipeline run {done}"
+    return None
+
+
+def continue_run(*, repo_root: Path, run_info: dict[str, Any], stage: str, model: str, params: dict | None = None,
+                 model_run_id: str | None = None, device: Any = None) -> Run:
+    """The run that stage ``stage`` (``evaluate``, ``report``) of model ``model`` logs to.
+
+    ``run_info``: ``{"run_id", "started_run_id", "tracking_uri"}`` of the run before (the train
+    stage's ``models/<name>.mlflow_run.json``, or the ``mlflow_run`` of ``results/<name>.json``).
+    That run is reopened only when it is this experiment's and holds nothing of this stage yet:
+    its ``dvc.exp_name`` tag is ``$DVC_EXP_NAME`` (neither set: the workspace), its tag
+    ``pipeline.<stage>.run_id`` is unset or this pipeline run's (:func:`pipeline_run_id`), and,
+    when ``model_run_id`` (the run recorded in the model file) is given, it is that run. It then
+    gets that tag. Otherwise one log line says why and a new run is started in the same store,
+    named ``[<experiment>/]<model>/<stage>``, with that run's params plus ``params``, the
+    :func:`reproducibility_tags` and ``stage``, ``pipeline.model``, ``pipeline.run_id``,
+    ``pipeline.<stage>.run_id`` and ``pipeline.source_run_id`` (the run it did not reopen): so a
+    DVC experiment that skipped a model's stages never rewrites another experiment's run.
+    No run before (``run_id`` null): a no-op Run that says so. Never raises for tracking problems.
+    """
+    repo_root = Path(repo_root)
+    run_id, stored = run_info.get("run_id"), run_info.get("tracking_uri")
+    missing = _no_run(run_id, run_info.get("started_run_id"), stored or default_tracking_uri(repo_root), repo_root)
+    if missing is not None:
+        return missing
+    pipeline_id = pipeline_run_id()
+    try:
+        from mlflow.tracking import MlflowClient
+
+        uri = reachable_uri(stored, repo_root)
+        _check_store(uri)
+        before = MlflowClient(uri).get_run(run_id)
+        reason = _foreign(before, stage, pipeline_id, model_run_id)
+        if reason is None:
+            MlflowClient(uri).set_tag(run_id, f"pipeline.{stage}.run_id", pipeline_id)
+            return _reopen(run_id, uri, repo_root)
+    except Exception as error:  # noqa: BLE001
+        return Run(None, stored or "", reason=f"cannot resume run {run_id}: {type(error).__name__}: {error}",
+                   repo_root=repo_root)
+    log.info("mlflow: %s: starting a new run for the %s of %s", reason, stage, model)
+    tags = {**reproducibility_tags(repo_root, device), "stage": stage, "pipeline.model": model,
+            "pipeline.run_id": pipeline_id, f"pipeline.{stage}.run_id": pipeline_id, "pipeline.source_run_id": run_id,
+            "mlflow.note.content": f"The {stage} of {model}: {reason}, which is left as it was."}
+    name = "/".join(part for part in (os.environ.get("DVC_EXP_NAME"), model, stage) if part)
+    run_params = {**before.data.params, **flatten_params(params or {})}
+    return start_run(repo_root=repo_root, params=run_params, tags=tags, run_name=name, tracking_uri=uri)
