@@ -43,10 +43,14 @@ release-cpu:
 # On a machine without the release's checkpoint: continue the shipped, unfinished release from
 # pretrained/vdsr.pt (a warm start at the step it was released at, with a fresh optimizer; the model
 # card records it; the prepared data must be the release's, checked), then train as release-cpu does.
+# An existing checkpoint is resumed only if it is this recipe's on this data (the train stage checks
+# the sha256 of train.h5 and val.h5); else the stage stops. VDSR_START_OVER=0: never from scratch here.
 release-cpu-continue:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
 	test -e checkpoints/vdsr/last.pt || $(PYTHON) -m vdsr.release warm-start --to checkpoints/vdsr/last.pt --data data/prepared
-	$(MAKE) release-cpu
+	VDSR_START_OVER=0 $(MAKE) release-cpu || { echo "release-cpu-continue: stopped. If the train stage refused" \
+		"checkpoints/vdsr/last.pt: move it out of checkpoints/vdsr/ to continue the release from pretrained/vdsr.pt" \
+		"instead, or run 'VDSR_START_OVER=1 make release-cpu' to train the recipe from scratch (it is moved aside)." >&2; exit 1; }
 
 # The second CPU release: a new cosine cycle (presets/release-cpu-v2.yaml) from the shipped weights,
 # with their moving average; the checkpoint is written once from pretrained/vdsr.pt (data checked),

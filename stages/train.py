@@ -3,7 +3,15 @@ and the training record (metrics/train_<name>.json, plots/train_<name>.csv,
 checkpoints/<name>/last.pt, an MLflow run whose id goes to models/<name>.mlflow_run.json). Run from
 the repository root: ``python stages/train.py <name>``; ``dvc.yaml`` runs one such stage for each
 section of ``train`` in params.yaml (``train: {vdsr: {..}, srcnn: {..}}``), each validated by
-:class:`TrainParams`, the one schema of a model section.
+:class:`vdsr.recipe.TrainParams`, the one schema of a model section.
+
+Resuming: the stage continues checkpoints/<name>/last.pt when it was made with the same recipe and
+the same prepared data (the sha256 of train.h5 and val.h5, whatever DVC thinks of them). One that
+cannot be resumed stops the stage, with the reasons, before an MLflow run or any step;
+``VDSR_START_OVER=1`` (``VDSR_START_OVER=1 dvc repro``) moves it aside to a dated name instead,
+``checkpoints/<name>.aside/last.<YYYYmmdd-HHMM>.pt``, and trains from scratch. It never deletes one.
+The folder is beside ``checkpoints/<name>``, not in it: DVC's record of that output stays the
+training's own (``dvc status`` is not changed by a checkpoint set aside), and a model name has no dot.
 
 Time and interrupts: after the first steps the stage says how long the whole run will take at
 the measured speed (and warns when that is days on a CPU). Ctrl-C or SIGTERM stops after the
@@ -28,22 +36,23 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from paths import ModelPaths
 from vdsr import tracking
-from vdsr.config import ParamsError, from_dict, load_params, require
+from vdsr.config import ParamsError, load_params, require
 from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
 from vdsr.prepare import load_patches, load_validation, patch_size_of
-from vdsr.checkpoints import CheckpointError, Position
+from vdsr.checkpoints import CheckpointError, Position, checkpoint_to_resume
 from vdsr.distributed import World, process_device, process_group, torchrun_world
-from vdsr.runtime import COMPILE_MODES, Runtime, resolve_runtime
+from vdsr.recipe import TrainParams, load_model_section
+from vdsr.runtime import Runtime, resolve_runtime
 from vdsr.train import TrainConfig, TrainingInterrupted, TrainResult, train
 
 log = logging.getLogger("stages.train")
@@ -52,70 +61,16 @@ PARAMS_FILE = Path("params.yaml")
 TRAIN_FILE = Path("data/prepared/train.h5")
 VAL_FILE = Path("data/prepared/val.h5")
 TORCHRUN_ENV = "VDSR_TORCHRUN"  # torchrun options; when set, the stage relaunches itself under torchrun
+START_OVER_ENV = "VDSR_START_OVER"  # 1: a checkpoint that cannot be resumed is moved aside, not refused
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    """The ``train`` section of params.yaml; every key is required (see the comments there)."""
-
-    model: Literal["vdsr", "srcnn"]
-    depth: int
-    width: int
-    optimizer: Literal["sgd", "adam", "adamw"]
-    lr: float
-    momentum: float
-    weight_decay: float
-    lr_schedule: Literal["step", "cosine"]
-    lr_step_epochs: int
-    lr_gamma: float
-    min_lr: float
-    warmup_steps: int
-    epochs: int
-    batch_size: int
-    loss: Literal["l2", "mse", "l1"]
-    clip: Literal["adjustable", "norm", "none"]
-    clip_theta: float
-    augment: bool
-    steps_per_epoch: int
-    seed: int
-    device: str
-    precision: Literal["auto", "fp32", "bf16"]
-    channels_last: bool
-    compile: Literal[COMPILE_MODES]  # type: ignore[valid-type]
-    checkpoint_minutes: float
-    ema_decay: float = 0.0  # optional: sections written before weight averaging existed mean 0 (off)
-
-    def __post_init__(self) -> None:
-        require(self.depth >= 3, "train.depth", "an integer >= 3", self.depth)
-        require(self.width >= 2, "train.width", "an integer >= 2", self.width)
-        require(self.lr > 0, "train.lr", "a number > 0", self.lr)
-        require(0 <= self.momentum < 1, "train.momentum", "a number in [0, 1)", self.momentum)
-        require(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
-        require(self.lr_step_epochs >= 1, "train.lr_step_epochs", "an integer >= 1", self.lr_step_epochs)
-        require(0 < self.lr_gamma <= 1, "train.lr_gamma", "a number in (0, 1]", self.lr_gamma)
-        require(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
-        require(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
-        require(self.clip_theta > 0, "train.clip_theta", "a number > 0", self.clip_theta)
-        require(self.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", self.steps_per_epoch)
-        require(self.seed >= 0, "train.seed", "an integer >= 0", self.seed)
-        require(0 <= self.ema_decay < 1, "train.ema_decay", "a number in [0, 1) (0: off)", self.ema_decay)
-        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device",
-                "auto, cpu, cuda or cuda:N", self.device)
-
-
-def load_model_section(name: str, path: Path = PARAMS_FILE) -> TrainParams:
-    """Section ``train.<name>`` of ``path`` as :class:`TrainParams`; errors name ``train.<name>.<key>``."""
-    params = load_params(path)
-    if "train" not in params:
-        raise ParamsError(f"{path}: section 'train' is missing")
-    sections = params["train"]
-    require(isinstance(sections, dict) and len(sections) > 0, f"{path}: train",
-            "a mapping of model names to sections (train: {vdsr: {...}, srcnn: {...}})", sections)
-    require(name in sections, f"{path}: train", f"a section {name!r} (sections: {', '.join(sections)})", name)
-    try:
-        return from_dict(TrainParams, sections[name], "train")
-    except ParamsError as error:  # TrainParams names keys train.<key>: put the section in
-        raise ParamsError(f"{path}: {re.sub(r'^train(?=[.:])', f'train.{name}', str(error))}") from None
+def start_over_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ``VDSR_START_OVER`` asks to move a checkpoint that cannot be resumed aside ("1"; "0"
+    or unset: stop instead); anything else is refused, so a typo does not decide."""
+    value = environ.get(START_OVER_ENV, "").strip()
+    require(value in ("", "0", "1"), START_OVER_ENV,
+            "1 (move a checkpoint that cannot be resumed aside and train from scratch) or 0", value)
+    return value == "1"
 
 
 def write_plot_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -203,9 +158,25 @@ def train_stage(name: str, world: World, stop: Callable[[], bool] | None = None)
         train_and_write(name, p, world, runtime, stop)
 
 
+def aside_dir(checkpoint: Path) -> Path:
+    """Where checkpoints/<name>/last.pt goes when set aside: checkpoints/<name>.aside/."""
+    return checkpoint.parent.with_name(f"{checkpoint.parent.name}.aside")
+
+
+def check_checkpoint(path: Path, model_config: ModelConfig, config: TrainConfig, data_id: str,
+                     start_over: bool) -> None:
+    """Refuse (:class:`vdsr.checkpoints.CheckpointRefused`, naming ``VDSR_START_OVER``) a checkpoint that cannot be
+    resumed, or with ``start_over`` move it to :func:`aside_dir` (:func:`vdsr.checkpoints.checkpoint_to_resume`)."""
+    way_out = (f"run the same command again with {START_OVER_ENV}=1 (`{START_OVER_ENV}=1 dvc repro`, "
+               f"`{START_OVER_ENV}=1 dvc exp run ...`)")
+    checkpoint_to_resume(path, model_config, config, data_id, start_over=start_over, way_out=way_out,
+                         data_name=f"sha256 of {TRAIN_FILE} + {VAL_FILE.name}", aside_dir=aside_dir(path))
+
+
 def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
                     stop: Callable[[], bool] | None = None) -> None:
     out = ModelPaths(name)
+    start_over = start_over_requested()
     all_params = load_params(PARAMS_FILE)
     # To MLflow: this model's section as train.<key>, and the other stages' sections (not the other models').
     section = all_params["train"][name]
@@ -222,9 +193,12 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
     require(field <= patch_size, f"train.{name}.depth",
             f"a model whose receptive field ({field} px) fits the {patch_size} px patches of {TRAIN_FILE} "
             f"(prepare.patch_size; VDSR's is 2 x depth + 1)", p.depth)
+    train_sha256, val_sha256 = sha256_file(TRAIN_FILE), sha256_file(VAL_FILE)
+    data_id = f"{train_sha256}+{val_sha256}"  # the content, not DVC's view of it (size, mtime)
+    if world.rank == 0:  # train() checks again; here it stops before loading the patches or opening a run
+        check_checkpoint(out.checkpoint, model_config, config, data_id, start_over)
     patches = load_patches(TRAIN_FILE)
     validation = load_validation(VAL_FILE)
-    train_sha256, val_sha256 = sha256_file(TRAIN_FILE), sha256_file(VAL_FILE)
     log.info("loaded %d patches of %dx%d from %s (scales %s), validation %s from %s",
              len(patches.lr), *patches.lr.shape[2:], TRAIN_FILE, sorted(set(patches.scale.tolist())),
              {f"x{s}": len(images) for s, images in validation.items()}, VAL_FILE)
@@ -235,7 +209,7 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
         return train(
             patches.lr, patches.hr, validation, model_config, config, runtime=runtime,
             checkpoint_path=out.checkpoint, checkpoint_every_s=p.checkpoint_minutes * 60 or None,
-            data_id=f"{train_sha256}+{val_sha256}", stop=stop, **callbacks,
+            data_id=data_id, stop=stop, **callbacks,
         )
 
     if world.rank != 0:  # the other processes train their share of each batch and write nothing

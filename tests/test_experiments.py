@@ -109,7 +109,9 @@ def test_named_experiments_are_named_mlflow_runs(tiny_repo):
     run_checked(["git", "commit", "-qm", "baseline"], repo, env)
     committed = {path: (repo / path).read_bytes() for path in ("params.yaml", "dvc.lock", "metrics/eval.json")}
     for name, lr in (("lr-small", "0.0005"), ("lr-large", "0.002")):
-        done = run_checked(["dvc", "exp", "run", "-n", name, "-S", f"train.vdsr.lr={lr}"], repo, env, timeout=EXP_TIMEOUT_S)
+        # another lr than the persisted checkpoint's: moved aside on request, never trained over (README)
+        done = run_checked(["dvc", "exp", "run", "-n", name, "-S", f"train.vdsr.lr={lr}"], repo,
+                           {**env, "VDSR_START_OVER": "1"}, timeout=EXP_TIMEOUT_S)
         output = done.stdout + done.stderr
         assert "tracking is off" not in output and "not logged to MLflow" not in output, output
 
@@ -272,8 +274,8 @@ def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
     vdsr_report = artifact_text(client, baseline["vdsr"].info.run_id, "report/results.md", tmp_path / "a")
     assert vdsr_report == report
 
-    changed = run_checked(["dvc", "exp", "run", "-n", "srcnn-lr", "-S", "train.srcnn.lr=0.002"], repo, env,
-                          timeout=EXP_TIMEOUT_S)
+    changed = run_checked(["dvc", "exp", "run", "-n", "srcnn-lr", "-S", "train.srcnn.lr=0.002"], repo,
+                          {**env, "VDSR_START_OVER": "1"}, timeout=EXP_TIMEOUT_S)  # SRCNN's checkpoint moved aside
     ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
     assert ran == {"train@srcnn", "evaluate@srcnn", "report"}, changed.stdout[-3000:]
     # VDSR's stages were skipped: its run of the committed pipeline is left as it was, and the

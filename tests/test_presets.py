@@ -1,5 +1,6 @@
 """Presets: every shipped preset names only real params keys, validates as a train section, and
-prints `dvc exp run -S` options that survive the shell's word splitting."""
+prints `dvc exp run -S` options that survive the shell's word splitting; a bad preset (a value
+the train stage would refuse, bad YAML, a name outside presets/) is refused naming file and key."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 
 from conftest import load_script
+from vdsr import presets as presets_module, recipe
 from vdsr.config import ParamsError, from_dict
 from vdsr.presets import PRESETS_DIR, load_preset, set_options
 
@@ -18,7 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_params_class():
-    return load_script(REPO_ROOT / "stages" / "train.py", "train_stage").TrainParams
+    stage = load_script(REPO_ROOT / "stages" / "train.py", "train_stage").TrainParams
+    assert stage is recipe.TrainParams  # the presets are validated with this very schema
+    return stage
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
@@ -52,7 +58,78 @@ def test_bad_presets_are_refused_with_the_key(tmp_path):
     (presets / "typo.yaml").write_text("train.learning_rate: 0.01\n")
     with pytest.raises(ParamsError, match="typo.yaml: train.learning_rate: expected a key of"):
         load_preset("typo", presets, params)
-    with pytest.raises(ParamsError, match=r"no such preset \(known: typo\)"):
+    with pytest.raises(ParamsError, match=r"'missing': no such preset; .* \(known: typo\)"):
         load_preset("missing", presets, params)
     with pytest.raises(ParamsError, match="must not contain spaces"):
         set_options({"train.model": "a b"})
+
+
+def preset_dir(tmp_path: Path, **presets: str) -> Path:
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    for name, text in presets.items():
+        (folder / f"{name}.yaml").write_text(text)
+    return folder
+
+
+BAD_VALUES = {  # preset text -> what the error says (the train stage's own words)
+    "train.vdsr.lr: fast\n": "train.vdsr.lr: expected a number, got 'fast'",
+    "train.vdsr.depth: 6.5\n": "train.vdsr.depth: expected an integer, got 6.5",
+    "train.vdsr: 5\n": "train.vdsr: expected a mapping (a whole train section), got 5",
+    "train.vdsr.min_lr: 0.5\n": "train.vdsr.min_lr: expected a number in [0, lr] (lr is 0.1), got 0.5",
+    "train.vdsr.lr: 0.001\ntrain.vdsr.lr_schedule: cosine\ntrain.vdsr.min_lr: 0.01\n":
+        "train.vdsr.min_lr: expected a number in [0, lr] (lr is 0.001), got 0.01",
+    "train.srcnn.compile: fast\n": "train.srcnn.compile: expected one of 'none', 'default'",
+    "download.workers: '8'\n": "download.workers: expected a value like params.yaml's 8, got '8'",
+    "prepare.scales: 2\n": "prepare.scales: expected a value like params.yaml's [2, 3, 4], got 2",
+}
+
+
+@pytest.mark.parametrize("text", list(BAD_VALUES), ids=range(len(BAD_VALUES)))
+def test_values_the_stage_would_refuse_are_refused_naming_the_key(tmp_path, text, monkeypatch):
+    presets = preset_dir(tmp_path, bad=text)
+    monkeypatch.chdir(REPO_ROOT)  # params.yaml as `python -m vdsr.presets` reads it
+    with pytest.raises(ParamsError) as refused:
+        load_preset("bad", presets)
+    message = str(refused.value)
+    assert message.startswith(str(presets / "bad.yaml")), message
+    assert BAD_VALUES[text] in message, message
+
+
+def test_preset_names_stay_inside_presets(tmp_path, capsys):
+    presets = preset_dir(tmp_path, good="train.vdsr.lr: 0.05\n")
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    (presets / "sub").mkdir()
+    (presets / "sub" / "b.yaml").write_text("train.vdsr.lr: 0.05\n")
+    for name in ("../params", "sub/b", "good.yaml", "", "GOOD"):
+        with pytest.raises(ParamsError, match=re.escape(f"{name!r}: no such preset; a preset is one of the files "
+                                                        "presets/*.yaml (known: good)")):
+            load_preset(name, presets, tmp_path / "params.yaml")
+    assert load_preset("good", presets, tmp_path / "params.yaml") == {"train.vdsr.lr": 0.05}
+    # the command line: exit 2, one line, no traceback
+    done = subprocess.run([sys.executable, "-m", "vdsr.presets", "../params"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.startswith("vdsr.presets: error: '../params': no such preset") and "Traceback" not in done.stderr
+
+
+def test_yaml_errors_name_file_line_and_column(tmp_path, capsys, monkeypatch):
+    presets = preset_dir(tmp_path, broken="train.vdsr.lr: 0.05\ntrain.vdsr.epochs: [3\n",
+                         twice="train.vdsr.lr: 0.05\ntrain.vdsr.lr: 0.01\n", listed="- train.vdsr.lr\n")
+    params = REPO_ROOT / "params.yaml"
+    with pytest.raises(ParamsError, match=re.escape(f"{presets / 'broken.yaml'}: not valid YAML: ")) as refused:
+        load_preset("broken", presets, params)
+    assert f'in "{presets / "broken.yaml"}", line 2, column 20' in str(refused.value)
+    with pytest.raises(ParamsError, match="found key 'train.vdsr.lr' twice") as refused:
+        load_preset("twice", presets, params)
+    assert f'in "{presets / "twice.yaml"}", line 2, column 1' in str(refused.value)
+    with pytest.raises(ParamsError, match=re.escape(f"{presets / 'listed.yaml'}: expected a mapping of dotted")):
+        load_preset("listed", presets, params)
+
+    monkeypatch.setattr(presets_module, "PRESETS_DIR", presets)  # the command line on these presets
+    monkeypatch.chdir(REPO_ROOT)  # its params.yaml
+    capsys.readouterr()
+    assert presets_module.main(["broken"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"vdsr.presets: error: {presets / 'broken.yaml'}: not valid YAML")
+    assert "line 2, column 20" in err and "Traceback" not in err

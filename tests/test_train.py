@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import torch
 import yaml
 
 from conftest import load_script, run_child
-from vdsr import evaluate
+from vdsr import evaluate, recipe
+from vdsr.checkpoints import CheckpointRefused
 from vdsr.config import ParamsError, from_dict
 from vdsr.images import list_images, read_image
 from vdsr.models import ModelConfig, load_model
@@ -255,21 +258,51 @@ def test_ema_decay_is_checked():
         dataclasses.replace(QUICK, ema_decay=1.0)
 
 
-def test_checkpoint_of_other_settings_is_ignored_with_a_warning(small, tmp_path, caplog):
+def test_checkpoint_of_other_settings_or_data_stops_training_and_is_kept(small, tmp_path, caplog):
+    """A checkpoint that cannot be resumed is never trained over: CheckpointRefused names why and
+    leaves it byte for byte; start_over=True moves it aside to a dated name and trains from scratch."""
     lr, hr, validation = small
     checkpoint = tmp_path / "last.pt"
     one_epoch = dataclasses.replace(QUICK, epochs=1)
     train(lr, hr, validation, TINY, one_epoch, device="cpu", progress=False, checkpoint_path=checkpoint, data_id="d")
-    with caplog.at_level(logging.WARNING, logger="vdsr.checkpoints"):
-        result = train(lr, hr, validation, TINY, dataclasses.replace(one_epoch, lr=0.05), device="cpu",
-                       progress=False, checkpoint_path=checkpoint, data_id="d")
-    assert result.resumed_from == 0
-    assert "ignoring checkpoint" in caplog.text and "train.lr was 0.1, now 0.05" in caplog.text
-    assert torch.load(checkpoint, weights_only=True)["train_config"]["lr"] == 0.05  # overwritten
+    saved = checkpoint.read_bytes()
+    other = dataclasses.replace(one_epoch, lr=0.05)
+    for config, data_id, reason in [(other, "d", "train.lr was 0.1, now 0.05"),
+                                    (one_epoch, "e", "the training data differs (data_id was d, now e)")]:
+        with pytest.raises(CheckpointRefused, match=re.escape(reason)) as refused:
+            train(lr, hr, validation, TINY, config, device="cpu", progress=False, checkpoint_path=checkpoint,
+                  data_id=data_id)
+        assert "It is left as it is and nothing was trained" in str(refused.value)
+        assert "start_over=True" in str(refused.value) and refused.value.path == checkpoint
+        assert checkpoint.read_bytes() == saved and sorted(tmp_path.iterdir()) == [checkpoint]
 
-    checkpoint.write_text("garbage")  # not a checkpoint at all: stop, do not overwrite silently
-    with pytest.raises(RuntimeError, match="last.pt: cannot read the checkpoint"):
+    # start_over resumes what can be resumed: nothing is moved
+    again = train(lr, hr, validation, TINY, one_epoch, device="cpu", progress=False, checkpoint_path=checkpoint,
+                  data_id="d", start_over=True)
+    assert again.resumed_from == 1 and sorted(tmp_path.iterdir()) == [checkpoint]
+    # ... and moves aside what cannot, under the date of its last write, then trains from scratch
+    stamp = datetime.datetime.fromtimestamp(checkpoint.stat().st_mtime).strftime("%Y%m%d-%H%M")
+    with caplog.at_level(logging.WARNING, logger="vdsr.checkpoints"):
+        result = train(lr, hr, validation, TINY, other, device="cpu", progress=False, checkpoint_path=checkpoint,
+                       data_id="d", start_over=True)
+    aside = tmp_path / f"last.{stamp}.pt"
+    assert result.resumed_from == 0 and sorted(tmp_path.iterdir()) == sorted([checkpoint, aside])
+    assert aside.read_bytes() == saved and f"moved it aside to {aside}" in caplog.text
+    assert torch.load(checkpoint, weights_only=True)["train_config"]["lr"] == 0.05
+    fresh = train(lr, hr, validation, TINY, other, device="cpu", progress=False)
+    for a, b in zip(fresh.model.state_dict().values(), result.model.state_dict().values()):
+        assert torch.equal(a, b)  # from scratch indeed
+
+    checkpoint.write_text("garbage")  # not a checkpoint at all: stop, do not overwrite
+    with pytest.raises(CheckpointRefused, match="last.pt: cannot resume from this checkpoint: cannot read the checkpoint"):
         train(lr, hr, validation, TINY, one_epoch, device="cpu", progress=False, checkpoint_path=checkpoint)
+    assert checkpoint.read_text() == "garbage"
+    stamp = datetime.datetime.fromtimestamp(checkpoint.stat().st_mtime).strftime("%Y%m%d-%H%M")
+    train(lr, hr, validation, TINY, one_epoch, device="cpu", progress=False, checkpoint_path=checkpoint,
+          start_over=True)
+    moved = tmp_path / f"last.{stamp}.pt"
+    moved = moved.with_name(f"last.{stamp}-2.pt") if moved == aside else moved  # never onto the first one
+    assert moved.read_text() == "garbage" and aside.read_bytes() == saved and len(list(tmp_path.iterdir())) == 3
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(small):
@@ -309,6 +342,27 @@ def test_stage_params_are_checked():
             from_dict(stage.TrainParams, {**section, key: value}, "train")
     with pytest.raises(ParamsError, match="unknown key"):
         from_dict(stage.TrainParams, {**section, "learning_rate": 0.1}, "train")
+
+
+def test_stage_section_is_the_library_recipe_with_keys_named(tmp_path):
+    """stages/train.py reads its section with vdsr.recipe's schema; range errors, and the relation
+    min_lr <= lr, name the params.yaml key train.<name>.<key>."""
+    stage = load_stage()
+    assert stage.TrainParams is recipe.TrainParams and stage.load_model_section is recipe.load_model_section
+    section = repo_train_section()
+    params = tmp_path / "params.yaml"
+    for key, value, message in [
+        ("min_lr", 0.5, "train.vdsr.min_lr: expected a number in [0, lr] (lr is 0.1), got 0.5"),
+        ("warmup_steps", -1, "train.vdsr.warmup_steps: expected an integer >= 0, got -1"),
+        ("checkpoint_minutes", -1.0, "train.vdsr.checkpoint_minutes: expected a number >= 0"),
+        ("depth", 6.5, "train.vdsr.depth: expected an integer, got 6.5"),
+        ("lr", "fast", "train.vdsr.lr: expected a number, got 'fast'"),
+    ]:
+        params.write_text(yaml.safe_dump({"train": {"vdsr": {**section, key: value}}}))
+        with pytest.raises(ParamsError, match=re.escape(f"{params}: {message}")):
+            stage.load_model_section("vdsr", params)
+    with pytest.raises(ParamsError, match=re.escape("min_lr: expected a number in [0, lr]")):
+        recipe.TrainParams(**{**section, "min_lr": 1.0})  # built directly, the same checks
 
 
 def test_stage_end_to_end(data, tmp_path):

@@ -7,11 +7,17 @@ at the next step. The recipe (:class:`vdsr.train.TrainConfig`) and model config 
 compared on resume; runtime choices (device, precision, layout, compilation) are not part of it,
 so a checkpoint written in one precision or on one device resumes in another.
 All plain types: read with ``torch.load(weights_only=True)``.
+
+A checkpoint is never discarded or overwritten unasked: one that cannot be resumed (other
+settings, other data, unreadable) stops training with :class:`CheckpointRefused`, which says why;
+with ``start_over`` it is moved aside to a dated name (``last.20261201-2305.pt``, beside it or in
+the caller's folder for them), never deleted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import random
 from pathlib import Path
@@ -49,7 +55,27 @@ class Position:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be read as one."""
+    """A checkpoint file exists but cannot be read as one, or cannot be resumed."""
+
+
+class CheckpointRefused(CheckpointError):
+    """The checkpoint at ``path`` cannot be resumed, for ``reasons``; it is left as it is.
+
+    ``way_out`` completes the message: how the caller asks to train from scratch instead (the
+    library's keyword; the train stage names its environment variable).
+    """
+
+    def __init__(self, path: Path, reasons: list[str], way_out: str | None = None, readable: bool = True,
+                 aside_dir: Path | None = None) -> None:
+        way_out = way_out or "call train(..., start_over=True)"
+        self.path, self.reasons, self.way_out, self.readable = Path(path), list(reasons), way_out, readable
+        aside = (aside_dir or self.path.parent) / f"{self.path.stem}.<date>-<time>{self.path.suffix}"
+        resume = "To resume it, train with the settings and data it was made with; to" if readable else "To"
+        super().__init__(
+            f"{self.path}: cannot resume from this checkpoint: {'; '.join(self.reasons)}. It is left as it is and "
+            f"nothing was trained. {resume} train from scratch instead, {way_out}: that moves it aside to "
+            f"{aside} (kept, not deleted)"
+        )
 
 
 def rng_states() -> dict[str, Any]:
@@ -118,13 +144,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error}); "
-                              "delete it to train from scratch") from error
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a training checkpoint; delete it to train from scratch")
+        raise CheckpointError(f"{path}: not a training checkpoint")
     if payload.get("version") not in (1, CHECKPOINT_VERSION):
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r}, this code reads "
-                              f"{CHECKPOINT_VERSION}; delete it to train from scratch")
+                              f"{CHECKPOINT_VERSION}")
     payload.setdefault("step", 0)
     payload.setdefault("loss_sum", 0.0)
     payload.setdefault("extra", {})
@@ -152,7 +177,7 @@ def position_of(payload: dict[str, Any]) -> Position:
 
 
 def checkpoint_mismatch(
-    payload: dict[str, Any], model_config: ModelConfig, config: TrainConfig, data_id: str
+    payload: dict[str, Any], model_config: ModelConfig, config: TrainConfig, data_id: str, data_name: str = "data_id"
 ) -> list[str]:
     """Why a checkpoint cannot be continued under these settings; empty when it can.
 
@@ -160,7 +185,7 @@ def checkpoint_mismatch(
     learning-rate schedule does not depend on the total (a step schedule: a run may be extended,
     nothing before epoch e depends on the total) -- same ``data_id``, and no more epochs done
     than asked for. A key that the checkpoint's config lacks (written before the key existed)
-    counts as its default value.
+    counts as its default value. ``data_name`` says what the data id is, for the reason.
     """
     reasons = []
     free = set() if config.schedule_needs_total else {"epochs"}
@@ -174,17 +199,46 @@ def checkpoint_mismatch(
             if key not in free and before != value:
                 reasons.append(f"{section}.{key} was {before!r}, now {value!r}")
     if payload["data_id"] != data_id:
-        reasons.append(f"training data was {payload['data_id'] or '?'}, now {data_id or '?'}")
+        reasons.append(f"the training data differs ({data_name} was {_short_id(payload['data_id'])}, "
+                       f"now {_short_id(data_id)})")
     if payload["epoch"] > config.epochs:
         reasons.append(f"it holds {payload['epoch']} epochs, more than epochs = {config.epochs}")
     return reasons
 
 
+def _short_id(data_id: str) -> str:
+    """A data id (``<sha256>+<sha256>``) with each hash cut to 12 digits; ``?`` for none."""
+    return "+".join(part[:12] for part in data_id.split("+")) if data_id else "?"
+
+
+def move_aside(path: Path, folder: Path | None = None) -> Path:
+    """Rename the checkpoint ``path`` to ``<stem>.<YYYYmmdd-HHMM>[-n]<suffix>`` in ``folder`` (default:
+    beside it; created if need be), dated by its last write (local time) and never onto an existing
+    file; returns the new path."""
+    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M")
+    folder = path.parent if folder is None else folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        aside = folder / f"{path.stem}.{stamp}{'' if n == 1 else f'-{n}'}{path.suffix}"
+        if not aside.exists():
+            path.rename(aside)
+            return aside
+    raise FileExistsError(f"{path}: 999 checkpoints dated {stamp} in {folder} already; move some away")
+
+
 def checkpoint_to_resume(
-    path: Path, model_config: ModelConfig, config: TrainConfig, data_id: str
+    path: Path, model_config: ModelConfig, config: TrainConfig, data_id: str, *, start_over: bool = False,
+    way_out: str | None = None, data_name: str = "data_id", aside_dir: Path | None = None,
 ) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if training can continue from it; None if there is none or it
-    was made with other settings (with a warning: it is overwritten at the next checkpoint).
+    """The checkpoint at ``path`` if training can continue from it; None if there is none.
+
+    One that cannot be resumed -- made with other settings or data (:func:`checkpoint_mismatch`),
+    or unreadable -- raises :class:`CheckpointRefused` and is left as it is; with ``start_over`` it
+    is moved aside instead (:func:`move_aside`, into ``aside_dir``, default beside it; with a
+    warning) and None is returned: training starts from scratch. A resumable checkpoint is resumed
+    either way (from scratch with the same settings and data would give the same weights).
+    ``way_out``: how the caller's user asks for ``start_over``, and ``data_name`` what ``data_id``
+    is, for the message.
 
     Also removes temporary files left beside it by a writer that was killed mid-write.
     """
@@ -192,12 +246,17 @@ def checkpoint_to_resume(
         log.info("removed %s, left by an interrupted checkpoint write", stale)
     if not path.exists():
         return None
-    payload = load_checkpoint(path)
-    reasons = checkpoint_mismatch(payload, model_config, config, data_id)
-    if reasons:
-        log.warning("WARNING: ignoring checkpoint %s, made with other settings (%s); training from "
-                    "scratch, it will be overwritten", path, "; ".join(reasons))
-        return None
-    return payload
-
-
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as error:
+        payload, reasons = None, [str(error).removeprefix(f"{path}: ")]
+    else:
+        reasons = checkpoint_mismatch(payload, model_config, config, data_id, data_name)
+    if not reasons:
+        return payload
+    if not start_over:
+        raise CheckpointRefused(path, reasons, way_out, readable=payload is not None, aside_dir=aside_dir)
+    aside = move_aside(path, aside_dir)
+    log.warning("WARNING: checkpoint %s cannot be resumed (%s); moved it aside to %s, training from scratch",
+                path, "; ".join(reasons), aside)
+    return None

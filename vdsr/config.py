@@ -30,6 +30,21 @@ def require(condition: bool, key: str, expected: str, value: Any) -> None:
         raise ParamsError(f"{key}: expected {expected}, got {value!r}")
 
 
+class FieldError(ParamsError):
+    """A dataclass field out of range; :func:`from_dict` names it ``<section>.<field>``."""
+
+    def __init__(self, field: str, expected: str, value: Any) -> None:
+        self.field, self.expected, self.value = field, expected, value
+        super().__init__(f"{field}: expected {expected}, got {value!r}")
+
+
+def require_field(condition: bool, field: str, expected: str, value: Any) -> None:
+    """Raise :class:`FieldError` for ``field`` unless ``condition`` holds: for a ``__post_init__``
+    whose section's name (``train.vdsr``) is known only to the caller of :func:`from_dict`."""
+    if not condition:
+        raise FieldError(field, expected, value)
+
+
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
@@ -91,7 +106,10 @@ def from_dict(config_cls: type[T], values: Any, section: str) -> T:
             require(has_default, key, "a value (the key is missing)", None)
             continue
         kwargs[name] = _check_type(values[name], hints[name], key)
-    return config_cls(**kwargs)
+    try:
+        return config_cls(**kwargs)
+    except FieldError as error:
+        raise ParamsError(f"{section}.{error.field}: expected {error.expected}, got {error.value!r}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -120,16 +138,23 @@ _UniqueKeyLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: 
 )
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """The whole ``params.yaml`` as a dict; a clear error if it is missing, not YAML or repeats a key."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as params.yaml is read (no repeated keys, ``1e-05`` a number); :class:`ParamsError`
+    if it is missing or not YAML, with PyYAML's account of the problem (``in "<file>", line L,
+    column C``: the file is read as bytes, so that its marks name it)."""
     path = Path(path)
     try:
         with open(path, "rb") as file:  # bytes: PyYAML names the file in its marks and rejects bad UTF-8
-            data = yaml.load(file, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+            return yaml.load(file, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError as error:
         raise ParamsError(f"{path}: file not found") from error
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from error
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole ``params.yaml`` as a dict; a clear error if it is missing, not YAML or repeats a key."""
+    data = read_yaml(path)
     require(isinstance(data, dict), str(path), "a mapping of sections", data)
     return data
 

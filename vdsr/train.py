@@ -30,7 +30,9 @@ seeded by ``(seed, e)`` only, the learning rate is a function of the step, and a
 (weights, optimizer, RNG states, history, position) is written atomically after every epoch,
 every ``checkpoint_every_s`` seconds of training and when a stop is requested; a run interrupted
 anywhere and resumed therefore ends with the same weights as an uninterrupted one. A checkpoint
-made with another recipe is ignored with a warning (:func:`vdsr.checkpoints.checkpoint_mismatch`).
+that cannot be resumed (another recipe or data, :func:`vdsr.checkpoints.checkpoint_mismatch`) stops
+the run before its first step with :class:`vdsr.checkpoints.CheckpointRefused`; ``start_over=True``
+moves it aside to a dated name and trains from scratch. Nothing overwrites it unasked.
 
 Several processes (torchrun). Under a ``torch.distributed`` process group (:mod:`vdsr.distributed`,
 one process per GPU, NCCL; or gloo on the CPU) the loop is DistributedDataParallel, and the
@@ -67,7 +69,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vdsr.checkpoints import Position, checkpoint_to_resume, history_of, position_of, save_checkpoint, set_rng_states
+from vdsr.checkpoints import (
+    CheckpointError,
+    Position,
+    checkpoint_to_resume,
+    history_of,
+    position_of,
+    save_checkpoint,
+    set_rng_states,
+)
 from vdsr.distributed import check_same_data
 from vdsr.evaluate import to_uint8
 from vdsr.metrics import psnr
@@ -420,20 +430,28 @@ class State:
 
 def _start(
     model_config: ModelConfig, config: TrainConfig, runtime: Runtime, checkpoint_path: Path | None, data_id: str,
-    rank: int, world_size: int,
+    rank: int, world_size: int, start_over: bool = False,
 ) -> State:
     """Model, optimizer and averaged weights from scratch, or from the checkpoint (read by rank 0,
-    sent to all); also the history, position and caller's extra stored with it."""
+    sent to all); also the history, position and caller's extra stored with it. A checkpoint that
+    cannot be resumed stops every process with rank 0's :class:`CheckpointError` (its message)."""
     torch.manual_seed(config.seed)
     model = build_model(model_config).to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, config, runtime.device)
-    payload = None
+    payload, refused = None, None
     if rank == 0 and checkpoint_path is not None:
-        payload = checkpoint_to_resume(checkpoint_path, model_config, config, data_id)
-    if world_size > 1:
-        shared = [payload]
+        try:
+            payload = checkpoint_to_resume(checkpoint_path, model_config, config, data_id, start_over=start_over)
+        except CheckpointError as error:
+            refused = error
+    if world_size > 1:  # the others learn rank 0's refusal too, instead of waiting for a checkpoint
+        shared = [payload, None if refused is None else str(refused)]
         dist.broadcast_object_list(shared, src=0, device=runtime.device if runtime.cuda else None)
         payload = shared[0]
+        if refused is None and shared[1] is not None:
+            refused = CheckpointError(shared[1])
+    if refused is not None:
+        raise refused
     if payload is None:
         return State(model, optimizer, make_ema(model, config.ema_decay), [], Position(), {})
     model.load_state_dict(payload["model"])
@@ -468,6 +486,7 @@ def train(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     stop: Callable[[], bool] | None = None,
     progress: bool = True,
+    start_over: bool = False,
 ) -> TrainResult:
     """Train ``model_config`` on the patches ``train_lr`` -> ``train_hr`` with ``config``.
 
@@ -477,7 +496,11 @@ def train(
     compilation and device (default: fp32, NCHW, eager on ``device``). ``checkpoint_path``: written
     after every epoch, every ``checkpoint_every_s`` seconds of training and on a stop, with
     ``checkpoint_extra`` (the caller's plain data, over what the checkpoint held); resumed from
-    when compatible. ``data_id`` identifies the data (e.g. its sha256) for that check.
+    when compatible. ``data_id`` identifies the data (e.g. its sha256) for that check. A checkpoint
+    that cannot be resumed (other settings or data, unreadable) raises
+    :class:`vdsr.checkpoints.CheckpointRefused` naming the reasons, before any step, and is left as
+    it is; with ``start_over`` it is moved aside to a dated name instead and training starts from
+    scratch (a resumable one is resumed either way).
     ``on_start(position, extra)`` is called once the checkpoint is read (``extra``: what an
     earlier run stored). ``on_epoch_end(epoch, row)`` is called after the checkpoint with the
     epoch's history row: epoch, train_loss, lr, val_psnr_x<s>..., patches_per_s, time_s (the
@@ -511,7 +534,7 @@ def train(
         check_same_data(data_id, world_size)
 
     with training_flags(runtime):
-        state = _start(model_config, config, runtime, checkpoint_path, data_id, rank, world_size)
+        state = _start(model_config, config, runtime, checkpoint_path, data_id, rank, world_size, start_over)
         model, optimizer, ema, history, at, extra = (state.model, state.optimizer, state.ema, state.history,
                                                      state.position, state.extra)
         if rank == 0 and on_start is not None:
