@@ -30,7 +30,7 @@ from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError
 from vdsr.io import error_message, write_json_atomic
 from vdsr.models import ModelFileError, load_model, resolve_device
-from vdsr.inference import DEFAULT_TILE, model_upscaler
+from vdsr.inference import DEFAULT_TILE, model_upscaler, self_ensemble
 
 DEVICE = "auto"  # cuda when present; evaluation runs in float32 either way
 TILE = DEFAULT_TILE  # network input tiles of 512 px (+ receptive-field margin): bounded memory, same output
@@ -42,6 +42,7 @@ log = logging.getLogger("vdsr.stages.evaluate")
 class EvaluateParams:
     sets: list[str]  # folders of data/raw with HR test images
     scales: list[int]  # subset of 2, 3, 4
+    self_ensemble: bool = False  # also the x8 self-ensemble (VDSR+, 8x the time), reported as its own row
 
     def __post_init__(self) -> None:
         require(len(self.sets) > 0, "evaluate.sets", "at least one set", self.sets)
@@ -99,6 +100,17 @@ def evaluate_stage(out: ModelPaths) -> None:
         log.info("evaluate %s: %s in %.1f s", out.name, dataset, seconds[dataset])
     table = {dataset: evaluate.summary(by_scale) for dataset, by_scale in results.items()}
     print(evaluate.format_table(table))
+    plus, plus_table = {}, {}
+    if params.self_ensemble:  # the same weights over the 8 flips/rotations: its own numbers, never the plain ones
+        ensembled = self_ensemble(upscaler)
+        for dataset in sets:
+            started = time.perf_counter()
+            plus[dataset] = evaluate.evaluate_folder(RAW_DIR / dataset, scales, ensembled,
+                                                     progress=f"{out.name}+ (x8 self-ensemble) {dataset}")
+            seconds[f"{dataset} (x8 self-ensemble)"] = round(time.perf_counter() - started, 1)
+        plus_table = {dataset: evaluate.summary(by_scale) for dataset, by_scale in plus.items()}
+        print(f"{out.name}+ (x8 self-ensemble):")
+        print(evaluate.format_table(plus_table))
 
     # The training's run when it is this experiment's, else a new one (tracking.continue_run).
     with tracking.continue_run(repo_root=Path.cwd(), run_info=run_info, stage="evaluate", model=out.name,
@@ -113,6 +125,7 @@ def evaluate_stage(out: ModelPaths) -> None:
             "threads": threads,
             "seconds": seconds,
             "sets": results,
+            **({"self_ensemble_sets": plus} if plus else {}),
         })
         log.info("evaluate %s: wrote %s", out.name, out.results)
         metrics = {
@@ -121,7 +134,11 @@ def evaluate_stage(out: ModelPaths) -> None:
             for scale, m in by_scale.items()
             for name, value in m.items()
         }
-        run.log_metrics(metrics | {f"eval/{dataset}/seconds": s for dataset, s in seconds.items()})
+        metrics |= {f"eval_self_ensemble/{dataset}/{scale}/{name}": value
+                    for dataset, by_scale in plus_table.items() for scale, m in by_scale.items()
+                    for name, value in m.items()}
+        run.log_metrics(metrics | {f"eval/{dataset}/seconds": s for dataset, s in seconds.items()
+                                   if "(" not in dataset})
         run.log_artifact(out.results, "eval")
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ def report_stage() -> None:
     first = next(iter(results.values()))["sets"]
     columns = [paper.Column("bicubic", "bicubic", _means(bicubic["sets"], first))]
     columns += [paper.Column(name, arch, _means(results[name]["sets"], first)) for name, arch in architectures.items()]
+    columns += [paper.Column(f"{name}+ (x8 self-ensemble)", arch, _means(results[name]["self_ensemble_sets"], first))
+                for name, arch in architectures.items() if results[name].get("self_ensemble_sets")]
     rows = paper.per_image_rows({"bicubic": _subset(bicubic["sets"], first)} | {n: r["sets"] for n, r in results.items()})
 
     text = ["# Results: the VDSR paper's Table 3, reproduced\n",

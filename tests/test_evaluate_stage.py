@@ -282,3 +282,31 @@ def test_results_table_marks_missing_values() -> None:
     assert lines[0] == "| Dataset | Scale | bicubic: paper | bicubic: ours | Δ dB | vdsr: paper | vdsr: ours | Δ dB |"
     assert lines[2] == "| Set5 | x3 | 30.39 / 0.8682 | 30.40 / 0.8680 | +0.01 | 33.66 / 0.9213 | 33.00 / 0.9200 | -0.66 |"
     assert paper.results_table(columns[::-1]).splitlines()[3] == "| Mine | x2 | – | 30.00 / 0.9000 | – | – | – | – |"
+
+
+def test_self_ensemble_key_adds_its_own_row(workspace: Path) -> None:
+    """evaluate.self_ensemble: the x8 self-ensemble's scores beside (never instead of) the plain ones,
+    its own MLflow metrics and its own report column, "vdsr+ (x8 self-ensemble)"."""
+    from vdsr.inference import self_ensemble
+
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["evaluate"] |= {"scales": [2], "self_ensemble": True}
+    params["baseline"]["scales"] = [2]
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    check(run_stage(workspace, "baseline"))
+    for name in MODELS:
+        check(run_stage(workspace, "evaluate", name))
+    results = json.loads((workspace / "results" / "vdsr.json").read_text())
+    upscaler = load_upscaler(workspace / "models" / "vdsr.pt", "cpu")
+    folder = workspace / "data" / "raw" / "Set5"
+    assert results["sets"] == {"Set5": evaluate_folder(folder, [2], upscaler)}  # the plain scores, unchanged
+    assert results["self_ensemble_sets"] == {"Set5": evaluate_folder(folder, [2], self_ensemble(upscaler))}
+    run_info = json.loads((workspace / "models" / "vdsr.mlflow_run.json").read_text())
+    metrics = MlflowClient(tracking.reachable_uri(run_info["tracking_uri"], workspace)).get_run(
+        results["mlflow_run"]["run_id"]).data.metrics
+    plus = summary(results["self_ensemble_sets"]["Set5"])["x2"]["psnr"]
+    assert metrics["eval_self_ensemble/Set5/x2/psnr"] == pytest.approx(plus)
+    assert metrics["eval/Set5/x2/psnr"] != pytest.approx(plus)
+    check(run_stage(workspace, "report"))
+    report = (workspace / "reports" / "results.md").read_text()
+    assert "vdsr+ (x8 self-ensemble) (vdsr): ours" in report and f"{plus:.2f} / " in report
