@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 from conftest import REPO_ROOT
-from vdsr import table3
+from vdsr import paper, table3
 
 
 def test_committed_table_agrees_with_the_released_evaluations() -> None:
@@ -42,3 +42,13 @@ def test_changed_weights_are_refused_and_a_self_ensemble_row_is_added(tmp_path: 
     error = capsys.readouterr().err
     assert f"eval.json was computed for weights with sha256 {shipped_sha256}" in error
     assert "publish the weights again" in error
+
+
+def test_readme_results_are_the_released_ones() -> None:
+    """The README's results table (near its top) shows the released eval.json's VDSR PSNR."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    scores = json.loads((REPO_ROOT / "pretrained" / "eval.json").read_text())["model"]
+    for dataset, by_scale in scores.items():
+        cells = " | ".join(f"{by_scale[x]['psnr']:.2f} ({by_scale[x]['psnr'] - paper.TABLE3[dataset][x]['vdsr'][0]:+.2f})"
+                           for x in ("x2", "x3", "x4"))
+        assert f"| {dataset} | {cells} |" in readme, f"README results row of {dataset} disagrees with eval.json"
