@@ -48,9 +48,10 @@ release-cpu:
 release-cpu-continue:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
 	test -e checkpoints/vdsr/last.pt || $(PYTHON) -m vdsr.release warm-start --to checkpoints/vdsr/last.pt --data data/prepared
-	VDSR_START_OVER=0 $(MAKE) release-cpu || { echo "release-cpu-continue: stopped. If the train stage refused" \
-		"checkpoints/vdsr/last.pt: move it out of checkpoints/vdsr/ to continue the release from pretrained/vdsr.pt" \
-		"instead, or run 'VDSR_START_OVER=1 make release-cpu' to train the recipe from scratch (it is moved aside)." >&2; exit 1; }
+	VDSR_START_OVER=0 $(MAKE) release-cpu || { echo "release-cpu-continue: stopped. If the train stage" \
+		"refused checkpoints/vdsr/last.pt: move it out of checkpoints/vdsr/ to continue the release from" \
+		"pretrained/vdsr.pt instead, or run 'VDSR_START_OVER=1 make release-cpu' to train the recipe" \
+		"from scratch (it is moved aside)." >&2; exit 1; }
 
 # The second CPU release: a new cosine cycle (presets/release-cpu-v2.yaml) from the shipped weights,
 # with their moving average; the checkpoint is written once from pretrained/vdsr.pt (data checked),

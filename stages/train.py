@@ -165,8 +165,9 @@ def aside_dir(checkpoint: Path) -> Path:
 
 def check_checkpoint(path: Path, model_config: ModelConfig, config: TrainConfig, data_id: str,
                      start_over: bool) -> None:
-    """Refuse (:class:`vdsr.checkpoints.CheckpointRefused`, naming ``VDSR_START_OVER``) a checkpoint that cannot be
-    resumed, or with ``start_over`` move it to :func:`aside_dir` (:func:`vdsr.checkpoints.checkpoint_to_resume`)."""
+    """Refuse a checkpoint that cannot be resumed (:class:`vdsr.checkpoints.CheckpointRefused`, naming
+    ``VDSR_START_OVER``), or with ``start_over`` move it to :func:`aside_dir`
+    (:func:`vdsr.checkpoints.checkpoint_to_resume`)."""
     way_out = (f"run the same command again with {START_OVER_ENV}=1 (`{START_OVER_ENV}=1 dvc repro`, "
                f"`{START_OVER_ENV}=1 dvc exp run ...`)")
     checkpoint_to_resume(path, model_config, config, data_id, start_over=start_over, way_out=way_out,

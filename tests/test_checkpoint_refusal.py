@@ -87,7 +87,8 @@ def test_stage_refuses_other_data_with_the_same_mtime_and_starts_over_on_request
     error = refused.stderr.strip().splitlines()[-1]
     assert error.startswith("train: error: checkpoints/vdsr/last.pt: cannot resume from this checkpoint: "
                             "the training data differs (sha256 of data/prepared/train.h5 + val.h5 was "), error
-    assert "VDSR_START_OVER=1 dvc repro" in error and "moves it aside to checkpoints/vdsr.aside/last.<date>-<time>.pt" in error
+    assert "VDSR_START_OVER=1 dvc repro" in error
+    assert "moves it aside to checkpoints/vdsr.aside/last.<date>-<time>.pt" in error
     assert "Traceback" not in refused.stderr
     assert checkpoint.read_bytes() == saved and sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.pt"]
     assert not (folder / "checkpoints" / "vdsr.aside").exists()
