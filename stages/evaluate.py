@@ -124,5 +124,6 @@ def evaluate_stage(out: ModelPaths) -> None:
         run.log_metrics(metrics | {f"eval/{dataset}/seconds": s for dataset, s in seconds.items()})
         run.log_artifact(out.results, "eval")
 
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
