@@ -141,5 +141,6 @@ def evaluate_stage(out: ModelPaths) -> None:
                                    if "(" not in dataset})
         run.log_artifact(out.results, "eval")
 
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
