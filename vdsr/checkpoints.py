@@ -33,7 +33,7 @@ from vdsr.models import ModelConfig, save_atomic, unwrapped_state_dict
 if TYPE_CHECKING:
     from torch.optim.swa_utils import AveragedModel
 
-    from vdsr.train import TrainConfig
+    from vdsr.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ errors name the params.yaml key, ``train.<name>.<key>``. ``stages/train.py`` rea
 through :func:`load_model_section`, and :mod:`vdsr.presets` validates a preset applied to
 params.yaml through :func:`check_train_sections`, so a preset that passes is one the stage takes.
 
-The recipe part of a section (what changes the weights) becomes :class:`vdsr.train.TrainConfig`;
+The recipe part of a section (what changes the weights) becomes :class:`TrainConfig`, the library's
+form of the recipe (stored in checkpoints, compared on resume);
 the last keys say how training runs (device, precision, layout, compilation, checkpoint interval).
 """
 
@@ -19,6 +20,65 @@ from typing import Any, Literal
 
 from vdsr.config import ParamsError, from_dict, load_params, require, require_field
 from vdsr.runtime import COMPILE_MODES
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+CLIP_MODES = ("adjustable", "norm", "none")
+SCHEDULES = ("step", "cosine")
+LOSSES = ("l2", "mse", "l1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe: everything that changes the trained weights (runtime choices are not here)."""
+
+    optimizer: str = "sgd"  # "sgd" (paper) | "adam" | "adamw" (decoupled weight decay)
+    lr: float = 0.1  # initial (peak) learning rate (paper: 0.1)
+    momentum: float = 0.9  # SGD momentum (paper: 0.9); Adam keeps its default betas
+    weight_decay: float = 1e-4  # SGD/Adam: L2 penalty added to the gradient after clipping (paper: 1e-4)
+    lr_schedule: str = "step"  # "step" (paper) | "cosine" (to min_lr over all epochs x steps)
+    lr_step_epochs: int = 20  # step: lr multiplied by lr_gamma every this many epochs (paper: 20)
+    lr_gamma: float = 0.1  # step: (paper: 0.1)
+    min_lr: float = 0.0  # cosine: the learning rate at the last step
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over the first steps (any schedule)
+    epochs: int = 80  # (paper: 80)
+    batch_size: int = 64  # (paper: 64)
+    loss: str = "l2"  # "l2" (paper: half the squared error summed per patch) | "mse" | "l1" (per-pixel means)
+    clip: str = "adjustable"  # "adjustable" (paper) | "norm" | "none"
+    clip_theta: float = 1e-4  # adjustable: theta (not given in the paper); norm: the max gradient norm
+    augment: bool = True  # random flips and 90-degree rotations, per patch
+    steps_per_epoch: int = 0  # 0: one pass, floor(N / batch_size) batches; > 0: that many batches
+    seed: int = 0  # model init, shuffling and augmentation
+    ema_decay: float = 0.0  # weight averaging: 0 off; else an exponential moving average of the weights
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
+            (self.clip in CLIP_MODES, "clip", f"one of {CLIP_MODES}"),
+            (self.lr_schedule in SCHEDULES, "lr_schedule", f"one of {SCHEDULES}"),
+            (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
+            (self.lr > 0, "lr", "> 0"),
+            (0 <= self.min_lr <= self.lr, "min_lr", "in [0, lr]"),
+            (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.lr_step_epochs >= 1, "lr_step_epochs", ">= 1"),
+            (0 < self.lr_gamma <= 1, "lr_gamma", "in (0, 1]"),
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.clip_theta > 0, "clip_theta", "> 0"),
+            (self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0"),
+            (self.seed >= 0, "seed", ">= 0"),
+            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def schedule_needs_total(self) -> bool:
+        """Whether the learning rate of a step depends on the run's length (cosine: yes)."""
+        return self.lr_schedule != "step"
 
 
 @dataclass(frozen=True)

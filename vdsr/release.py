@@ -46,7 +46,7 @@ from vdsr.io import error_message, sha256_file, write_json_atomic
 from vdsr.models import MODELS, ModelConfig, build_model, load_model, save_model
 
 if TYPE_CHECKING:
-    from vdsr.train import TrainConfig
+    from vdsr.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Trained:
 
     model: torch.nn.Module
     config: ModelConfig
-    train_config: dict[str, Any]  # vdsr.train.TrainConfig as a dict (the params.yaml section)
+    train_config: dict[str, Any]  # vdsr.recipe.TrainConfig as a dict (the params.yaml section)
     position: Position
     history: list[dict[str, float]]
     data_id: str  # "<train.h5 sha256>+<val.h5 sha256>"
@@ -383,7 +383,7 @@ def preset_recipe(preset: str, name: str = "vdsr", params_file: Path = Path("par
     will see it after ``dvc exp run $(python -m vdsr.presets PRESET)``."""
     from vdsr.config import load_params
     from vdsr.presets import load_preset
-    from vdsr.train import TrainConfig
+    from vdsr.recipe import TrainConfig
 
     section = dict(load_params(params_file)["train"][name])
     prefix = f"train.{name}."

@@ -69,6 +69,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vdsr.recipe import CLIP_MODES, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 from vdsr.checkpoints import (
     CheckpointError,
     Position,
@@ -87,67 +88,10 @@ from vdsr.inference import predict_y
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-CLIP_MODES = ("adjustable", "norm", "none")
-SCHEDULES = ("step", "cosine")
-LOSSES = ("l2", "mse", "l1")
 LOG_EVERY = 20  # steps between progress-bar updates, the only mid-epoch reads of GPU scalars
 LONG_RUN_S = 12 * 3600  # a run estimated longer than this on a CPU gets a warning naming quicker options
 
 Validation = dict[int, list[tuple[str, np.ndarray, np.ndarray]]]  # scale -> [(name, lr f32, hr u8)]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The recipe: everything that changes the trained weights (runtime choices are not here)."""
-
-    optimizer: str = "sgd"  # "sgd" (paper) | "adam" | "adamw" (decoupled weight decay)
-    lr: float = 0.1  # initial (peak) learning rate (paper: 0.1)
-    momentum: float = 0.9  # SGD momentum (paper: 0.9); Adam keeps its default betas
-    weight_decay: float = 1e-4  # SGD/Adam: L2 penalty added to the gradient after clipping (paper: 1e-4)
-    lr_schedule: str = "step"  # "step" (paper) | "cosine" (to min_lr over all epochs x steps)
-    lr_step_epochs: int = 20  # step: lr multiplied by lr_gamma every this many epochs (paper: 20)
-    lr_gamma: float = 0.1  # step: (paper: 0.1)
-    min_lr: float = 0.0  # cosine: the learning rate at the last step
-    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over the first steps (any schedule)
-    epochs: int = 80  # (paper: 80)
-    batch_size: int = 64  # (paper: 64)
-    loss: str = "l2"  # "l2" (paper: half the squared error summed per patch) | "mse" | "l1" (per-pixel means)
-    clip: str = "adjustable"  # "adjustable" (paper) | "norm" | "none"
-    clip_theta: float = 1e-4  # adjustable: theta (not given in the paper); norm: the max gradient norm
-    augment: bool = True  # random flips and 90-degree rotations, per patch
-    steps_per_epoch: int = 0  # 0: one pass, floor(N / batch_size) batches; > 0: that many batches
-    seed: int = 0  # model init, shuffling and augmentation
-    ema_decay: float = 0.0  # weight averaging: 0 off; else an exponential moving average of the weights
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
-            (self.clip in CLIP_MODES, "clip", f"one of {CLIP_MODES}"),
-            (self.lr_schedule in SCHEDULES, "lr_schedule", f"one of {SCHEDULES}"),
-            (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
-            (self.lr > 0, "lr", "> 0"),
-            (0 <= self.min_lr <= self.lr, "min_lr", "in [0, lr]"),
-            (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
-            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay", ">= 0"),
-            (self.lr_step_epochs >= 1, "lr_step_epochs", ">= 1"),
-            (0 < self.lr_gamma <= 1, "lr_gamma", "in (0, 1]"),
-            (self.epochs >= 1, "epochs", ">= 1"),
-            (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.clip_theta > 0, "clip_theta", "> 0"),
-            (self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0"),
-            (self.seed >= 0, "seed", ">= 0"),
-            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
-
-    @property
-    def schedule_needs_total(self) -> bool:
-        """Whether the learning rate of a step depends on the run's length (cosine: yes)."""
-        return self.lr_schedule != "step"
 
 
 # --- numerics -----------------------------------------------------------------------------------
