@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,10 +121,7 @@ def run_tile(
     inner = (slice(tile.top - tile.t0, tile.bottom - tile.t0), slice(tile.left - tile.l0, tile.right - tile.l0))
     if not self_ensemble:
         return _forward(model, window, device)[inner]
-    total = np.zeros(window.shape, dtype=np.float64)
-    for k in range(SYMMETRIES):
-        total += undo_dihedral(_forward(model, np.ascontiguousarray(dihedral(window, k)), device), k)
-    return (total / SYMMETRIES)[inner].astype(np.float32)
+    return mean_over_symmetries(lambda w: _forward(model, w, device), window)[inner].astype(np.float32)
 
 
 def _forward(model: torch.nn.Module, window: np.ndarray, device: torch.device) -> np.ndarray:
@@ -280,14 +277,20 @@ def undo_dihedral(image: np.ndarray, k: int) -> np.ndarray:
     return image
 
 
+def mean_over_symmetries(network: Callable[[np.ndarray], np.ndarray], image: np.ndarray) -> np.ndarray:
+    """The mean, in float64, of ``network`` over the 8 symmetries of ``image`` (H, W), each output
+    mapped back by the inverse symmetry: the one loop of the self-ensemble."""
+    total = np.zeros(image.shape, dtype=np.float64)
+    for k in range(SYMMETRIES):
+        estimate = network(np.ascontiguousarray(dihedral(image, k)))
+        total += undo_dihedral(np.asarray(estimate, dtype=np.float64), k)
+    return total / SYMMETRIES
+
+
 def self_ensemble(luma: Upscaler) -> Upscaler:
     """An :data:`vdsr.evaluate.Upscaler` that averages ``luma`` over the 8 symmetries (8x its cost)."""
 
     def ensembled(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
-        total = np.zeros(bicubic_y.shape, dtype=np.float64)
-        for k in range(SYMMETRIES):
-            estimate = luma(np.ascontiguousarray(dihedral(bicubic_y, k)), scale)
-            total += undo_dihedral(np.asarray(estimate, dtype=np.float64), k)
-        return total / SYMMETRIES
+        return mean_over_symmetries(lambda y: luma(y, scale), bicubic_y)
 
     return ensembled
