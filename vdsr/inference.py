@@ -204,20 +204,7 @@ def load_network(path: Path, device: str) -> tuple[torch.nn.Module, torch.device
     target = resolve_device(device)
     model, config, _meta = load_model(path, map_location=target)
     log.info("model %s: %s depth %d width %d on %s", path, config.name, config.depth, config.width, target)
-    return for_inference(model), target
-
-
-def for_inference(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` in eval mode with its weights in channels_last (NHWC) order, in place.
-
-    The arithmetic stays fp32; oneDNN's NHWC convolutions ran 1.87-1.95x faster than NCHW on an
-    AVX-512 CPU (VDSR 20x64 on a 384x512 luma, both layouts in one run), and the outputs differ from
-    NCHW only in summation order (at most 5e-7). The input's layout does not matter: the weights'
-    decides. :func:`load_network` and :func:`model_upscaler` both call it; a second call is a no-op.
-    """
-    import torch
-
-    return model.eval().to(memory_format=torch.channels_last)
+    return model, target
 
 
 def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upscaler:
@@ -231,9 +218,7 @@ def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upsca
 
 
 def model_upscaler(model: torch.nn.Module, device: torch.device, *, tile: int = DEFAULT_TILE) -> Upscaler:
-    """An :data:`vdsr.evaluate.Upscaler` running ``model`` (already on ``device``) in exact fp32
-    (:func:`for_inference`: in eval mode, channels_last)."""
-    model = for_inference(model)
+    """An :data:`vdsr.evaluate.Upscaler` running ``model`` (already on ``device``) in exact fp32."""
 
     def upscaler(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
         return predict_y(model, bicubic_y, device, tile, precision="fp32")
