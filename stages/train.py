@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from paths import ModelPaths
-from vdsr import tracking
+from vdsr import provenance, tracking
 from vdsr.config import ParamsError, load_params, require
 from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
@@ -218,11 +218,11 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
         return
 
     repo_root = Path.cwd()
-    tags = tracking.reproducibility_tags(repo_root, runtime.device)
+    tags = provenance.reproducibility_tags(repo_root, runtime.device)
     tags.update(runtime.tags())
     tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256,
                  "processes": str(world.size), "pipeline.model": name, "pipeline.architecture": p.model,
-                 "pipeline.run_id": tracking.pipeline_run_id()})
+                 "pipeline.run_id": provenance.pipeline_run_id()})
     exp_name = os.environ.get("DVC_EXP_NAME")
     started = time.perf_counter()
     run_name = f"{exp_name}/{name}" if exp_name else name

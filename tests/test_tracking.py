@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from vdsr import tracking
+from vdsr import provenance, tracking
 
 from conftest import abort_with_stacks, with_faulthandler
 
@@ -270,7 +270,7 @@ def test_reproducibility_tags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     subprocess.run([*git, "commit", "-q", "-m", "init"], check=True, timeout=60)
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
 
-    tags = tracking.reproducibility_tags(tmp_path)
+    tags = provenance.reproducibility_tags(tmp_path)
     assert len(tags["git.commit"]) == 40 and tags["git.dirty"] == "false"
     assert tags["dvc.exp_name"] == "brisk-lark"
     assert {k: v for k, v in tags.items() if k.startswith("dvc.md5.")} == {
@@ -279,7 +279,7 @@ def test_reproducibility_tags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert tags["torch.version"] == torch.__version__ and "device" in tags
     with open(tmp_path / "dvc.lock", "a") as lock:
         lock.write("\n")
-    tags = tracking.reproducibility_tags(tmp_path)
+    tags = provenance.reproducibility_tags(tmp_path)
     assert tags["git.dirty"] == "true" and tags["git.changed"] == "dvc.lock"
 
 

@@ -67,7 +67,7 @@ def provenance(workspace: Path, trained: Trained, preset: str | None, shipped: P
     """Where the weights come from: preset, data hashes (dvc.lock), each MLflow run of the training
     (times, commit, device; from the workspace's store, or from the shipped release for runs made on
     another machine: ``shipped``, the release file being replaced), and the machine that published them."""
-    from vdsr.tracking import data_hashes
+    from vdsr.provenance import data_hashes
 
     ids = list(trained.extra.get("mlflow_runs", []))
     here, earlier = _store_runs(workspace, ids), {}
