@@ -223,9 +223,8 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
     tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256,
                  "processes": str(world.size), "pipeline.model": name, "pipeline.architecture": p.model,
                  "pipeline.run_id": provenance.pipeline_run_id()})
-    exp_name = os.environ.get("DVC_EXP_NAME")
     started = time.perf_counter()
-    run_name = f"{exp_name}/{name}" if exp_name else name
+    run_name = tracking.run_name(name)
     with tracking.start_run(repo_root=repo_root, params=run_params, tags=tags, run_name=run_name) as run:
 
         def on_epoch_end(epoch: int, row: dict[str, float]) -> None:

@@ -196,7 +196,7 @@ def test_server_lost_mid_run_warns_once_and_stops_logging(
     assert "2 metric values" in messages[-1]
     import mlflow
 
-    assert mlflow.active_run() is None  # let go of without contacting the lost store
+    assert mlflow.active_run() is None  # let go of (marking it FAILED on the lost store fails, bounded)
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run_id, "loss")[0].value == 1.0
 
 
@@ -367,3 +367,33 @@ def test_logged_model_holds_no_machine_path(tmp_path: Path) -> None:
     x = torch.rand(3, 1, 21, 17)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_run_names_start_with_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tracking.run_name("vdsr") == "vdsr"  # the workspace's training
+    assert tracking.run_name("srcnn", "report") == "srcnn report"
+    monkeypatch.setenv("DVC_EXP_NAME", "smoke-1202")
+    assert tracking.run_name("vdsr") == "vdsr smoke-1202"
+    assert tracking.run_name("srcnn", "evaluate") == "srcnn smoke-1202 evaluate"
+    assert tracking.run_name("vdsr", experiment="lr-small") == "vdsr lr-small"
+
+
+def test_run_summaries_read_the_store_that_mlflow_tracking_uri_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(elsewhere / 'runs.db').as_posix()}")
+    run = tracking.start_run(repo_root=tmp_path, params={}, tags={"git.commit": "abc", "other": "x"},
+                             run_name="vdsr test")
+    run.end()
+    found = tracking.run_summaries(tmp_path, [run.run_id, "0" * 32])
+    assert list(found) == [run.run_id]  # the unknown id is left out
+    summary = found[run.run_id]
+    assert summary["name"] == "vdsr test" and summary["status"] == "FINISHED"
+    assert summary["git.commit"] == "abc" and "other" not in summary
+    assert summary["end"] >= summary["start"] > 0
+    assert not (tmp_path / "mlflow.db").exists()  # the repository's default store is not read or created
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'none.db').as_posix()}")
+    assert tracking.run_summaries(tmp_path, [run.run_id]) == {}  # no store there: nothing, and none created
+    assert not (tmp_path / "none.db").exists()

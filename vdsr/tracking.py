@@ -460,18 +460,14 @@ class Run:
         without contacting the store again (it is what just failed)."""
         run_id, self.run_id, self.reason = self.run_id, None, redact(reason)
         self._warn_disabled()
-        try:  # MLflow internals; at worst its atexit hook retries the (bounded) end of the run
-            from mlflow.tracking import fluent
+        try:  # public API: end_run pops the run first, then marks it on the store (bounded, may fail)
+            import mlflow
 
-            stack = fluent._active_run_stack.get()
-            if stack and stack[-1].info.run_id == run_id:
-                stack.pop()
-                os.environ.pop("MLFLOW_RUN_ID", None)
-            monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
-            if monitor is not None:
-                monitor._shutdown_event.set()  # the sampling thread exits; no final flush
-        except Exception:  # noqa: BLE001
-            pass
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                mlflow.end_run("FAILED")  # also stops the system-metrics thread when the store answers
+        except Exception:  # noqa: BLE001, S110  (the store just failed; the run's record stays as it is)
+            pass  # a system-metrics thread stops by itself when it cannot read the run
 
     def _client(self) -> Any:
         from mlflow.tracking import MlflowClient
@@ -621,6 +617,16 @@ class Run:
         self.end("FAILED" if exc_type is not None and not self.reopened else "FINISHED")
 
 
+def run_name(model: str, stage: str = "train", experiment: str | None = None) -> str:
+    """The name of a run: the model first, then the DVC experiment, then the stage unless it is
+    the training: ``vdsr smoke-1202``, ``srcnn smoke-1202 report``, ``vdsr`` (the workspace's
+    training). ``experiment`` defaults to ``$DVC_EXP_NAME``. The model leads so that the runs of
+    one experiment differ in the first characters the MLflow UI shows of a name."""
+    if experiment is None:
+        experiment = os.environ.get("DVC_EXP_NAME") or None
+    return " ".join(part for part in (model, experiment, None if stage == "train" else stage) if part)
+
+
 def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: str | None = None,
               tracking_uri: str | None = None) -> Run:
     """Start a run in experiment :func:`experiment_name` of the store :func:`default_tracking_uri`
@@ -723,6 +729,39 @@ def resume_run(
         return Run(None, stored, reason=f"cannot resume run {run_id}: {type(error).__name__}: {error}", repo_root=repo_root)
 
 
+# Tags of a training run that the model card shows (:func:`run_summaries`).
+SUMMARY_TAGS = ("git.commit", "dvc.exp_name", "runtime.device", "runtime.precision", "runtime.channels_last",
+                "torch.version", "platform", "resumed_from", "stopped_after")
+
+
+def run_summaries(repo_root: Path, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """What the store :func:`default_tracking_uri` (``MLFLOW_TRACKING_URI``, else the repository's
+    ``mlflow.db``) knows of ``run_ids``: ``{run_id: {"start", "end" (ms since the epoch), "status",
+    "name", and the :data:`SUMMARY_TAGS` it has}}``; runs it does not hold are left out. No store
+    (none there, or unreachable): ``{}``; never creates one. The card's one read of MLflow."""
+    if not run_ids:
+        return {}
+    uri = default_tracking_uri(Path(repo_root))
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        _check_store(uri)
+    except Exception as error:  # noqa: BLE001  (a card without run times, not a failed release)
+        log.info("mlflow: no run details from %s (%s)", public_uri(uri, repo_root), redact(str(error)))
+        return {}
+    client, found = MlflowClient(uri), {}
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            continue
+        tags = run.data.tags
+        found[run_id] = {"start": run.info.start_time, "end": run.info.end_time, "status": run.info.status,
+                         "name": run.info.run_name, **{key: tags[key] for key in SUMMARY_TAGS if key in tags}}
+    return found
+
+
 def _describe_experiment(name: str | None) -> str:
     return f"DVC experiment {name!r}" if name else "the workspace (no DVC experiment)"
 
@@ -752,7 +791,7 @@ def continue_run(*, repo_root: Path, run_info: dict[str, Any], stage: str, model
     ``pipeline.<stage>.run_id`` is unset or this pipeline run's (:func:`pipeline_run_id`), and,
     when ``model_run_id`` (the run recorded in the model file) is given, it is that run. It then
     gets that tag. Otherwise one log line says why and a new run is started in the same store,
-    named ``[<experiment>/]<model>/<stage>``, with that run's params plus ``params``, the
+    named :func:`run_name` (``<model> [<experiment>] <stage>``), with that run's params plus ``params``, the
     :func:`reproducibility_tags` and ``stage``, ``pipeline.model``, ``pipeline.run_id``,
     ``pipeline.<stage>.run_id`` and ``pipeline.source_run_id`` (the run it did not reopen): so a
     DVC experiment that skipped a model's stages never rewrites another experiment's run.
@@ -781,6 +820,6 @@ def continue_run(*, repo_root: Path, run_info: dict[str, Any], stage: str, model
     tags = {**reproducibility_tags(repo_root, device), "stage": stage, "pipeline.model": model,
             "pipeline.run_id": pipeline_id, f"pipeline.{stage}.run_id": pipeline_id, "pipeline.source_run_id": run_id,
             "mlflow.note.content": f"The {stage} of {model}: {reason}, which is left as it was."}
-    name = "/".join(part for part in (os.environ.get("DVC_EXP_NAME"), model, stage) if part)
     run_params = {**before.data.params, **flatten_params(params or {})}
-    return start_run(repo_root=repo_root, params=run_params, tags=tags, run_name=name, tracking_uri=uri)
+    return start_run(repo_root=repo_root, params=run_params, tags=tags, run_name=run_name(model, stage),
+                     tracking_uri=uri)
