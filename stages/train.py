@@ -47,9 +47,9 @@ from paths import ModelPaths
 from vdsr import provenance, tracking
 from vdsr.config import ParamsError, load_params, require
 from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
-from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field, save_model
+from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field
 from vdsr.prepare import load_patches, load_validation, patch_size_of
-from vdsr.checkpoints import CheckpointError, Position, checkpoint_to_resume
+from vdsr.checkpoints import CheckpointError, Position, checkpoint_to_resume, stage_meta, write_model_file
 from vdsr.distributed import World, process_device, process_group, torchrun_world
 from vdsr.recipe import TrainParams, load_model_section
 from vdsr.runtime import Runtime, resolve_runtime
@@ -264,21 +264,11 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
             "wall_time_s": round(final["elapsed_s"], 1),  # all runs, resumed ones too
             "patches_per_s": round(statistics.median(row["patches_per_s"] for row in history), 1),
         }
-        meta = {
-            "mlflow_run_id": run.run_id or run.started_run_id,
-            "seed": p.seed,
-            "epochs": len(history),
-            "train_data_sha256": train_sha256,
-            "val_data_sha256": val_sha256,
-            "git_commit": tags.get("git.commit"),
-            "git_dirty": tags.get("git.dirty"),
-            "params": dict(section),
-            "metrics": metrics,
-            "history": history,  # per epoch: losses, validation PSNR, elapsed_s (vdsr.release draws it)
-            "mlflow_runs": checkpoint_extra["mlflow_runs"],  # the resumed runs of this training, oldest first
-            "warm_start": result.checkpoint_extra.get("warm_start"),  # set by `python -m vdsr.release warm-start`
-        }
-        save_model(out.model, result.model, model_config, meta)
+        meta = stage_meta(mlflow_run_id=run.run_id or run.started_run_id, seed=p.seed, history=history,
+                          train_sha256=train_sha256, val_sha256=val_sha256, tags=tags, params=section,
+                          metrics=metrics, mlflow_runs=checkpoint_extra["mlflow_runs"],
+                          warm_start=result.checkpoint_extra.get("warm_start"))
+        write_model_file(out.model, result.model, model_config, meta)
         write_json_atomic(out.train_metrics, metrics)
         write_plot_csv(out.train_plot, history)
         write_json_atomic(  # started_run_id: the run on the store even if tracking failed mid-way

@@ -25,10 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from vdsr.io import remove_stale_temporaries
-from vdsr.models import ModelConfig, save_atomic, unwrapped_state_dict
+from vdsr.models import (
+    ModelConfig,
+    build_model,
+    load_model,
+    save_atomic,
+    save_model,
+    unwrapped_state_dict,
+)
 
 if TYPE_CHECKING:
     from torch.optim.swa_utils import AveragedModel
@@ -147,6 +154,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a training checkpoint")
+    return _checked(payload, path)
+
+
+def _checked(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A checkpoint's ``payload`` of a version this code reads, with the keys of version 1 filled
+    in; :class:`CheckpointError` for another version."""
     if payload.get("version") not in (1, CHECKPOINT_VERSION):
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r}, this code reads "
                               f"{CHECKPOINT_VERSION}")
@@ -260,3 +273,155 @@ def checkpoint_to_resume(
     log.warning("WARNING: checkpoint %s cannot be resumed (%s); moved it aside to %s, training from scratch",
                 path, "; ".join(reasons), aside)
     return None
+
+
+# --- the training record: read from a checkpoint or a model file ---------------------------------
+
+
+@dataclasses.dataclass
+class Trained:
+    """Weights and how they were trained, from a checkpoint or a model file."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    train_config: dict[str, Any]  # vdsr.recipe.TrainConfig as a dict (the params.yaml section)
+    position: Position
+    history: list[dict[str, float]]
+    data_id: str  # "<train.h5 sha256>+<val.h5 sha256>"
+    extra: dict[str, Any]  # mlflow_runs, warm_start, ...
+    recorded_steps: int | None = None  # steps of an epoch as run (checkpoint key steps_per_epoch), if recorded
+
+    @property
+    def epochs(self) -> int:
+        return int(self.train_config["epochs"])
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """The steps of one epoch: the recipe's ``steps_per_epoch``; for 0 (one pass over the N
+        patches, floor(N / batch_size) steps) the count the training recorded (the checkpoint's
+        ``steps_per_epoch``, written by :func:`vdsr.train.train`); None where neither is known
+        (a checkpoint written before the count was recorded)."""
+        return int(self.train_config.get("steps_per_epoch", 0)) or self.recorded_steps or None
+
+    @property
+    def total_steps(self) -> int | None:
+        steps = self.steps_per_epoch
+        return None if steps is None else self.epochs * steps
+
+    @property
+    def steps_done(self) -> int | None:
+        steps = self.steps_per_epoch
+        return None if steps is None else self.position.epoch * steps + self.position.step
+
+    @property
+    def finished(self) -> bool:
+        """All epochs of the recipe done (known without the steps per epoch)."""
+        return self.position.epoch >= self.epochs
+
+    def progress(self) -> str:
+        """``8 of 12 steps (67%)``; ``epoch 1 of 80 (1%)`` where the steps per epoch are not known."""
+        total, done = self.total_steps, self.steps_done
+        if total and done is not None:
+            return f"{done:,} of {total:,} steps ({100 * done / total:.0f}%)"
+        at = self.position
+        partial = f" and {at.step:,} steps of epoch {at.epoch + 1}" if at.step else ""
+        return f"epoch {at.epoch} of {self.epochs}{partial} ({100 * at.epoch / self.epochs:.0f}%)"
+
+
+def read_trained(path: Path, weights: str = "output") -> Trained:
+    """A training checkpoint (``checkpoints/<name>/last.pt``) or a model file (``models/<name>.pt``,
+    a release); ``ValueError`` naming the file if it is neither or lacks the training record.
+
+    ``weights`` of a checkpoint: "output" (the run's output: the averaged weights when the recipe
+    keeps a moving average, ``ema_decay > 0``; else the weights), "raw" (the optimizer's weights).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint or model file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (pickle, zip and weights_only errors alike)
+        raise ValueError(f"{path}: not a checkpoint or model file ({type(error).__name__}: {error})") from None
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        payload = _checked(payload, path)  # the version check of load_checkpoint
+        config = ModelConfig(**payload["model_config"])
+        model = build_model(config)
+        averaged = payload.get("ema") if weights == "output" else None
+        model.load_state_dict(averaged["state"] if averaged else payload["model"])
+        extra = dict(payload["extra"])
+        extra["weights"] = "averaged (ema_decay " + str(payload["train_config"].get("ema_decay")) + ")" if averaged else "raw"
+        extra.setdefault("mlflow_runs", [extra["mlflow_run_id"]] if extra.get("mlflow_run_id") else [])
+        return Trained(model.eval(), config, dict(payload["train_config"]), position_of(payload),
+                       history_of(payload), payload["data_id"], extra, payload.get("steps_per_epoch"))
+    model, config, meta = load_model(path)
+    record = meta.get("training") or _from_stage_meta(meta)
+    if record is None:
+        raise ValueError(f"{path}: a model file without its training record (meta 'training' or 'history')")
+    position = Position(int(record["epoch"]), int(record["step"]), 0.0, float(record["elapsed_s"]))
+    return Trained(model, config, dict(record["train_config"]), position, list(record["history"]),
+                   record["data_id"], dict(record["extra"]), record.get("steps_per_epoch"))
+
+
+def _from_stage_meta(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The training record of a model file written by ``stages/train.py`` (a finished training)."""
+    if "history" not in meta or not meta["history"]:
+        return None
+    last = meta["history"][-1]
+    return {"epoch": int(last["epoch"]), "step": 0, "elapsed_s": float(last.get("elapsed_s", 0.0)),
+            "train_config": meta["params"], "history": meta["history"],
+            "data_id": f"{meta['train_data_sha256']}+{meta['val_data_sha256']}",
+            "extra": {"mlflow_runs": meta.get("mlflow_runs", []), "warm_start": meta.get("warm_start")}}
+
+
+def training_record(trained: Trained) -> dict[str, Any]:
+    """Plain data for the model file's meta: what :func:`read_trained` and the warm start need."""
+    return {"epoch": trained.position.epoch, "step": trained.position.step,
+            "elapsed_s": trained.position.elapsed_s, "train_config": trained.train_config,
+            "history": trained.history, "data_id": trained.data_id, "extra": trained.extra,
+            "steps_per_epoch": trained.recorded_steps}
+
+
+# --- model files' metadata ----------------------------------------------------------------------
+
+
+def write_model_file(path: str | Path, model: nn.Module, model_config: ModelConfig, meta: dict[str, Any]) -> None:
+    """A model file (:func:`vdsr.models.save_model`: weights, constructor arguments, ``meta``) at
+    ``path``, atomically; ``meta`` from :func:`stage_meta` or :func:`release_meta`."""
+    save_model(path, model, model_config, meta)
+
+
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` of a model file (:func:`vdsr.models.load_model`; ``ModelFileError`` if it is not one)."""
+    return load_model(path)[2]
+
+
+def stage_meta(*, mlflow_run_id: str | None, seed: int, history: list[dict[str, float]], train_sha256: str,
+               val_sha256: str, tags: dict[str, str], params: dict[str, Any], metrics: dict[str, Any],
+               mlflow_runs: list[str | None], warm_start: dict[str, Any] | None) -> dict[str, Any]:
+    """The meta of ``models/<name>.pt`` as the train stage writes it (a finished training;
+    :func:`read_trained` reads it back): ``params`` the params.yaml section as given, ``tags`` the
+    run's provenance tags (``git.commit``, ``git.dirty``), ``history`` one row per epoch (vdsr.release
+    draws it), ``mlflow_runs`` the runs of this training, oldest first, ``warm_start`` set by
+    ``python -m vdsr.release warm-start``."""
+    return {
+        "mlflow_run_id": mlflow_run_id,
+        "seed": seed,
+        "epochs": len(history),
+        "train_data_sha256": train_sha256,
+        "val_data_sha256": val_sha256,
+        "git_commit": tags.get("git.commit"),
+        "git_dirty": tags.get("git.dirty"),
+        "params": dict(params),
+        "metrics": metrics,
+        "history": history,
+        "mlflow_runs": mlflow_runs,
+        "warm_start": warm_start,
+    }
+
+
+def release_meta(trained: Trained, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The meta of a released model file: the training record (:func:`training_record`), the card's
+    ``provenance`` (:func:`vdsr.model_card.provenance`), and ``params``, ``epochs``, ``mlflow_run_id``
+    and ``git_commit`` as :func:`stage_meta` writes them (the last run of the chain)."""
+    last_run = next(reversed(provenance["runs"].items()), (None, {}))
+    return {"training": training_record(trained), "provenance": provenance, "params": trained.train_config,
+            "epochs": trained.position.epoch, "mlflow_run_id": last_run[0], "git_commit": last_run[1].get("git.commit")}

@@ -21,8 +21,8 @@ from vdsr import paper
 from vdsr.io import write_text_atomic
 
 if TYPE_CHECKING:
+    from vdsr.checkpoints import Trained
     from vdsr.models import ModelConfig
-    from vdsr.release import Trained
 
 VDSR_91 = {"x2": 37.06, "x3": 33.27, "x4": 30.95}  # the paper's VDSR trained on 91 images, Set5
 MUST_SETS = ("Set5", "Set14", "B100")
@@ -39,42 +39,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _store_runs(workspace: Path, run_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """What the workspace's MLflow store (``mlflow.db``) knows of ``run_ids``."""
-    store = workspace / "mlflow.db"
-    if not store.is_file() or not run_ids:
-        return {}
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client, found = MlflowClient(f"sqlite:///{store.as_posix()}"), {}
-    for run_id in run_ids:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            continue
-        tags = run.data.tags
-        found[run_id] = {
-            "start": run.info.start_time, "end": run.info.end_time, "status": run.info.status,
-            "name": run.info.run_name, **{key: tags[key] for key in (
-                "git.commit", "dvc.exp_name", "runtime.device", "runtime.precision", "runtime.channels_last",
-                "torch.version", "platform", "resumed_from", "stopped_after") if key in tags},
-        }
-    return found
-
-
 def provenance(workspace: Path, trained: Trained, preset: str | None, shipped: Path) -> dict[str, Any]:
     """Where the weights come from: preset, data hashes (dvc.lock), each MLflow run of the training
-    (times, commit, device; from the workspace's store, or from the shipped release for runs made on
-    another machine: ``shipped``, the release file being replaced), and the machine that published them."""
+    (times, commit, device; from the workspace's store, :func:`vdsr.tracking.run_summaries`, or from
+    the shipped release for runs made on another machine: ``shipped``, the release file being
+    replaced), and the machine that published them."""
     from vdsr.provenance import data_hashes
+    from vdsr.tracking import run_summaries
 
     ids = list(trained.extra.get("mlflow_runs", []))
-    here, earlier = _store_runs(workspace, ids), {}
+    here, earlier = run_summaries(workspace, ids), {}
     if shipped.is_file():  # runs of earlier sessions, on machines whose store is gone
-        from vdsr.models import load_model
+        from vdsr.checkpoints import read_model_meta
 
-        earlier = load_model(shipped)[2].get("provenance", {}).get("runs", {})
+        earlier = read_model_meta(shipped).get("provenance", {}).get("runs", {})
     runs = {run_id: here.get(run_id) or earlier.get(run_id) or {} for run_id in ids}
     return {
         "preset": preset,
@@ -236,8 +214,9 @@ def _hours(seconds: float) -> str:
 
 
 def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[str, Any], model_path: Path,
-               digest: str, curve: str = "val_psnr.png") -> None:
+               digest: str, *, sets: tuple[str, ...], curve: str = "val_psnr.png") -> None:
     """Write ``MODEL_CARD.md`` (atomically) for the weights ``model_path`` (sha256 ``digest``);
+    ``sets``: the release's test sets (those ``scores`` lacks are named as not evaluated);
     ``curve``: the name of the validation curve beside it."""
     table, reached = results_rows(scores)
     config, tc = trained.config, trained.train_config
@@ -284,7 +263,7 @@ columns are its Table 3 (291 training images, 80 epochs on a GPU).
 
 {table}{plus_rows(scores, config.name)}
 
-Targets of the CPU release{_missing(scores)}:
+Targets of the CPU release{_missing(scores, sets)}:
 
 - must, above the paper's SRCNN on Set5, Set14 and B100 at every scale: **{_yes(reached['must'])}**
 - goal, the paper's 91-image VDSR on Set5 (37.06 / 33.27 / 30.95): **{_yes(reached['goal'])}**
@@ -307,7 +286,7 @@ Recipe (`train.{config.name}` as trained):
 {yaml.safe_dump(tc, sort_keys=False).strip()}
 ```
 
-MLflow runs of this training (oldest first; the store `mlflow.db` of the training workspace):
+MLflow runs of this training (oldest first; the MLflow store of the training workspace):
 
 | run | name | start (UTC) | end (UTC) | status | commit | device, precision |
 |---|---|---|---|---|---|---|
@@ -344,10 +323,8 @@ def _describe(config: ModelConfig, file_name: str) -> tuple[str, str, str]:
             f"--model pretrained/{file_name}` use it.")
 
 
-def _missing(scores: dict[str, Any]) -> str:
-    from vdsr.release import SETS
-
-    missing = [name for name in SETS if name not in scores["model"]]
+def _missing(scores: dict[str, Any], sets: tuple[str, ...]) -> str:
+    missing = [name for name in sets if name not in scores["model"]]
     return f" ({', '.join(missing)} not evaluated for this release)" if missing else ""
 
 

@@ -41,9 +41,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vdsr import atomic_dir, evaluate
-from vdsr.checkpoints import CHECKPOINT_FORMAT, Position, history_of, position_of, save_checkpoint
+from vdsr.checkpoints import (  # Trained, read_trained: re-exported, the release's reading of a training
+    Position,
+    Trained,
+    read_trained,
+    release_meta,
+    save_checkpoint,
+    write_model_file,
+)
 from vdsr.io import error_message, sha256_file, write_json_atomic
-from vdsr.models import MODELS, ModelConfig, build_model, load_model, save_model
+from vdsr.models import MODELS, load_model
 
 if TYPE_CHECKING:
     from vdsr.recipe import TrainConfig
@@ -85,114 +92,13 @@ def release_files(kind: str) -> ReleaseFiles:
                         f"{kind.upper()}_{CARD_FILE}")
 
 
-@dataclasses.dataclass
-class Trained:
-    """Weights and how they were trained, from a checkpoint or a model file."""
-
-    model: torch.nn.Module
-    config: ModelConfig
-    train_config: dict[str, Any]  # vdsr.recipe.TrainConfig as a dict (the params.yaml section)
-    position: Position
-    history: list[dict[str, float]]
-    data_id: str  # "<train.h5 sha256>+<val.h5 sha256>"
-    extra: dict[str, Any]  # mlflow_runs, warm_start, ...
-    recorded_steps: int | None = None  # steps of an epoch as run (checkpoint key steps_per_epoch), if recorded
-
-    @property
-    def epochs(self) -> int:
-        return int(self.train_config["epochs"])
-
-    @property
-    def steps_per_epoch(self) -> int | None:
-        """The steps of one epoch: the recipe's ``steps_per_epoch``; for 0 (one pass over the N
-        patches, floor(N / batch_size) steps) the count the training recorded (the checkpoint's
-        ``steps_per_epoch``, written by :func:`vdsr.train.train`); None where neither is known
-        (a checkpoint written before the count was recorded)."""
-        return int(self.train_config.get("steps_per_epoch", 0)) or self.recorded_steps or None
-
-    @property
-    def total_steps(self) -> int | None:
-        steps = self.steps_per_epoch
-        return None if steps is None else self.epochs * steps
-
-    @property
-    def steps_done(self) -> int | None:
-        steps = self.steps_per_epoch
-        return None if steps is None else self.position.epoch * steps + self.position.step
-
-    @property
-    def finished(self) -> bool:
-        """All epochs of the recipe done (known without the steps per epoch)."""
-        return self.position.epoch >= self.epochs
-
-    def progress(self) -> str:
-        """``8 of 12 steps (67%)``; ``epoch 1 of 80 (1%)`` where the steps per epoch are not known."""
-        total, done = self.total_steps, self.steps_done
-        if total and done is not None:
-            return f"{done:,} of {total:,} steps ({100 * done / total:.0f}%)"
-        at = self.position
-        partial = f" and {at.step:,} steps of epoch {at.epoch + 1}" if at.step else ""
-        return f"epoch {at.epoch} of {self.epochs}{partial} ({100 * at.epoch / self.epochs:.0f}%)"
-
-
-def read_trained(path: Path, weights: str = "output") -> Trained:
-    """A training checkpoint (``checkpoints/<name>/last.pt``) or a model file (``models/<name>.pt``,
-    a release); ``ValueError`` naming the file if it is neither or lacks the training record.
-
-    ``weights`` of a checkpoint: "output" (the run's output: the averaged weights when the recipe
-    keeps a moving average, ``ema_decay > 0``; else the weights), "raw" (the optimizer's weights).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint or model file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and weights_only errors alike
-        raise ValueError(f"{path}: not a checkpoint or model file ({type(error).__name__}: {error})") from None
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        config = ModelConfig(**payload["model_config"])
-        model = build_model(config)
-        averaged = payload.get("ema") if weights == "output" else None
-        model.load_state_dict(averaged["state"] if averaged else payload["model"])
-        extra = dict(payload["extra"])
-        extra["weights"] = "averaged (ema_decay " + str(payload["train_config"].get("ema_decay")) + ")" if averaged else "raw"
-        extra.setdefault("mlflow_runs", [extra["mlflow_run_id"]] if extra.get("mlflow_run_id") else [])
-        return Trained(model.eval(), config, dict(payload["train_config"]), position_of(payload),
-                       history_of(payload), payload["data_id"], extra, payload.get("steps_per_epoch"))
-    model, config, meta = load_model(path)
-    record = meta.get("training") or _from_stage_meta(meta)
-    if record is None:
-        raise ValueError(f"{path}: a model file without its training record (meta 'training' or 'history')")
-    position = Position(int(record["epoch"]), int(record["step"]), 0.0, float(record["elapsed_s"]))
-    return Trained(model, config, dict(record["train_config"]), position, list(record["history"]),
-                   record["data_id"], dict(record["extra"]), record.get("steps_per_epoch"))
-
-
-def _from_stage_meta(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The training record of a model file written by ``stages/train.py`` (a finished training)."""
-    if "history" not in meta or not meta["history"]:
-        return None
-    last = meta["history"][-1]
-    return {"epoch": int(last["epoch"]), "step": 0, "elapsed_s": float(last.get("elapsed_s", 0.0)),
-            "train_config": meta["params"], "history": meta["history"],
-            "data_id": f"{meta['train_data_sha256']}+{meta['val_data_sha256']}",
-            "extra": {"mlflow_runs": meta.get("mlflow_runs", []), "warm_start": meta.get("warm_start")}}
-
-
-def training_record(trained: Trained) -> dict[str, Any]:
-    """Plain data for the model file's meta: what :func:`read_trained` and the warm start need."""
-    return {"epoch": trained.position.epoch, "step": trained.position.step,
-            "elapsed_s": trained.position.elapsed_s, "train_config": trained.train_config,
-            "history": trained.history, "data_id": trained.data_id, "extra": trained.extra,
-            "steps_per_epoch": trained.recorded_steps}
-
-
 def evaluate_sets(model: torch.nn.Module, raw_dir: Path, sets: list[str], scales: list[int], *,
                   self_ensemble: bool = False) -> dict[str, Any]:
     """``{"model": table, "bicubic": table, "seconds": {set: s}}`` (tables as ``metrics/*.json``), true
     fp32; with ``self_ensemble`` ``{"self_ensemble": table, "seconds_self_ensemble": {set: s}}``: the
     x8 self-ensemble of the same weights (:mod:`vdsr.inference`, 8x the time), its own table."""
-    from vdsr.inference import self_ensemble as ensembled
     from vdsr.inference import model_upscaler
+    from vdsr.inference import self_ensemble as ensembled
 
     upscaler = model_upscaler(model, torch.device("cpu"))
     if self_ensemble:
@@ -291,13 +197,9 @@ def write_release(out_dir: Path, files: ReleaseFiles, trained: Trained, scores: 
     from vdsr import model_card
 
     provenance = model_card.provenance(workspace, trained, preset, out_dir / files.model)
-    last_run = next(reversed(provenance["runs"].items()), (None, {}))
     with atomic_dir.replacing(out_dir, files.names, on_step=_boundary) as staging:
         model_path = staging / files.model
-        save_model(model_path, trained.model, trained.config,
-                   {"training": training_record(trained), "provenance": provenance, "params": trained.train_config,
-                    "epochs": trained.position.epoch, "mlflow_run_id": last_run[0],
-                    "git_commit": last_run[1].get("git.commit")})  # the last two as stages/train.py writes them
+        write_model_file(model_path, trained.model, trained.config, release_meta(trained, provenance))
         _boundary(files.model)
         weights = {"file": files.model, "sha256": sha256_file(model_path)}  # what the scores are of (vdsr.table3)
         write_json_atomic(staging / files.eval, {"weights": weights, **scores})
@@ -305,7 +207,7 @@ def write_release(out_dir: Path, files: ReleaseFiles, trained: Trained, scores: 
         model_card.write_curve(trained.history, staging / files.curve, trained.extra.get("earlier") or [])
         _boundary(files.curve)
         model_card.write_card(staging / files.card, trained, scores, provenance, model_path, sha256_file(model_path),
-                              curve=files.curve)
+                              curve=files.curve, sets=SETS)
         _boundary(files.card)
 
 
