@@ -26,6 +26,7 @@ batch; rank 0 alone logs to MLflow and writes the outputs (README, "Multi-GPU an
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -33,10 +34,9 @@ import os
 import re
 import shlex
 import signal
-import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -45,15 +45,15 @@ import numpy as np
 
 from paths import ModelPaths
 from vdsr import provenance, tracking
+from vdsr.checkpoints import CheckpointError, checkpoint_to_resume, stage_meta, write_model_file
 from vdsr.config import ParamsError, load_params, require
+from vdsr.distributed import World, process_device, process_group, torchrun_world
 from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
 from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field
 from vdsr.prepare import load_patches, load_validation, patch_size_of
-from vdsr.checkpoints import CheckpointError, Position, checkpoint_to_resume, stage_meta, write_model_file
-from vdsr.distributed import World, process_device, process_group, torchrun_world
 from vdsr.recipe import TrainParams, load_model_section
 from vdsr.runtime import Runtime, resolve_runtime
-from vdsr.train import TrainConfig, TrainingInterrupted, TrainResult, train
+from vdsr.train import StopRequest, TrainConfig, TrainingInterrupted, TrainResult, summary_metrics, train
 
 log = logging.getLogger("stages.train")
 
@@ -88,28 +88,6 @@ def relaunch_under_torchrun(options: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), *sys.argv]
     print(f"train: {TORCHRUN_ENV} is set, relaunching: {shlex.join(command)}", file=sys.stderr, flush=True)
     os.execv(sys.executable, command)
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, with a checkpoint;
-    a second one stops at once. Called, it says whether a stop was asked for (``train(stop=...)``)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\ntrain: {signal.Signals(signum).name} received, stopping after this step with a checkpoint "
-              "(again to stop at once, without one)", file=sys.stderr, flush=True)
-
-    def __call__(self) -> bool:
-        return self.signum is not None
 
 
 def main(argv: list[str]) -> int:
@@ -176,13 +154,10 @@ def check_checkpoint(path: Path, model_config: ModelConfig, config: TrainConfig,
 
 def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
                     stop: Callable[[], bool] | None = None) -> None:
+    """Check the recipe against the data, train (every process its share) and, on rank 0, log the
+    run to MLflow and write the stage's outputs."""
     out = ModelPaths(name)
     start_over = start_over_requested()
-    all_params = load_params(PARAMS_FILE)
-    # To MLflow: this model's section as train.<key>, and the other stages' sections (not the other models').
-    section = all_params["train"][name]
-    run_params = {**{key: value for key, value in all_params.items() if key != "train"}, "train": section}
-
     # SRCNN is always 9-5-5; train.width sets its n1 (64: the paper's 64/32 channels).
     if p.model == "srcnn":
         log.info("model srcnn: train.depth (%d) is not used, SRCNN has 3 layers (9-5-5)", p.depth)
@@ -216,71 +191,45 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
     if world.rank != 0:  # the other processes train their share of each batch and write nothing
         fit()
         return
-
-    repo_root = Path.cwd()
-    tags = provenance.reproducibility_tags(repo_root, runtime.device)
-    tags.update(runtime.tags())
-    tags.update({"stage": "train", "data.train_sha256": train_sha256, "data.val_sha256": val_sha256,
-                 "processes": str(world.size), "pipeline.model": name, "pipeline.architecture": p.model,
-                 "pipeline.run_id": provenance.pipeline_run_id()})
+    tags = {**provenance.reproducibility_tags(Path.cwd(), runtime.device), **runtime.tags(), "stage": "train",
+            "data.train_sha256": train_sha256, "data.val_sha256": val_sha256, "processes": str(world.size),
+            "pipeline.model": name, "pipeline.architecture": p.model, "pipeline.run_id": provenance.pipeline_run_id()}
     started = time.perf_counter()
-    run_name = tracking.run_name(name)
-    with tracking.start_run(repo_root=repo_root, params=run_params, tags=tags, run_name=run_name) as run:
-
-        def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
-            run.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch)
-
-        this_run = run.run_id or run.started_run_id
-        checkpoint_extra: dict[str, Any] = {"mlflow_run_id": this_run, "mlflow_runs": [this_run]}
-
-        def on_start(position: Position, extra: dict[str, Any]) -> None:
-            if extra.get("warm_start", {}).get("new_cycle") and not (position.epoch or position.step):
-                warm = extra["warm_start"]
-                run.set_tags({"warm_start": f"{warm['from']} (sha256 {warm['sha256'][:12]}) at {warm['at']}",
-                              "mlflow.note.content": f"A new cycle from the weights of {warm['from']}."})
-            if position.epoch or position.step:  # say which run this one continues
-                earlier = extra.get("mlflow_run_id") or "unknown"
-                # every run of the chain, oldest first (checkpoints before this key: the last one only)
-                checkpoint_extra["mlflow_runs"] = [*extra.get("mlflow_runs", [earlier]), this_run]
-                run.set_tags({"resumed_from": str(position), "resumed_from_epoch": str(position.epoch),
-                              "continues_run": earlier,
-                              "mlflow.note.content": f"Continues run {earlier} from {out.checkpoint} after {position}."})
-
+    with _tracked(name, tags) as (run, chain, section):
         try:
-            result = fit(on_start=on_start, on_epoch_end=on_epoch_end, checkpoint_extra=checkpoint_extra)
+            result = fit(on_start=chain.started, on_epoch_end=chain.log_epoch, checkpoint_extra=chain.extra)
         except TrainingInterrupted as stopped:
             run.set_tags({"stopped_after": str(stopped.position)})
             run.end("KILLED")
             raise
-        for row in result.history[: result.resumed_from]:  # epochs of an earlier, interrupted run
-            on_epoch_end(int(row["epoch"]), row)
-
-        history = result.history
-        final = history[-1]
-        metrics = {
-            "train_loss": final["train_loss"],
-            **{key: round(value, 4) for key, value in final.items() if key.startswith("val_psnr_x")},
-            "epochs": len(history),
-            "wall_time_s": round(final["elapsed_s"], 1),  # all runs, resumed ones too
-            "patches_per_s": round(statistics.median(row["patches_per_s"] for row in history), 1),
-        }
-        meta = stage_meta(mlflow_run_id=run.run_id or run.started_run_id, seed=p.seed, history=history,
+        chain.log_earlier_epochs(result.history[: result.resumed_from])  # epochs of an earlier, interrupted run
+        metrics = summary_metrics(result.history)
+        meta = stage_meta(mlflow_run_id=run.run_id or run.started_run_id, seed=p.seed, history=result.history,
                           train_sha256=train_sha256, val_sha256=val_sha256, tags=tags, params=section,
-                          metrics=metrics, mlflow_runs=checkpoint_extra["mlflow_runs"],
-                          warm_start=result.checkpoint_extra.get("warm_start"))
+                          metrics=metrics, mlflow_runs=chain.runs, warm_start=result.checkpoint_extra.get("warm_start"))
         write_model_file(out.model, result.model, model_config, meta)
         write_json_atomic(out.train_metrics, metrics)
-        write_plot_csv(out.train_plot, history)
-        write_json_atomic(  # started_run_id: the run on the store even if tracking failed mid-way
-            out.mlflow_run, {"run_id": run.run_id, "started_run_id": run.started_run_id, "tracking_uri": run.tracking_uri}
-        )
+        write_plot_csv(out.train_plot, result.history)
+        write_json_atomic(out.mlflow_run, run.record())  # started_run_id: the run on the store even if tracking failed
         run.log_artifact(out.train_metrics, artifact_path="metrics")
         run.log_artifact(out.train_plot, artifact_path="plots")
         run.log_model(result.model, input_example=np.asarray(patches.lr[:2], dtype=np.float32))
-
     log.info("train: %s", ", ".join(f"{key} {value}" for key, value in metrics.items()))
     log.info("wrote %s, %s, %s, %s and %s in %.0f s (mlflow run %s at %s)", out.model, out.train_metrics,
              out.train_plot, out.mlflow_run, out.checkpoint, time.perf_counter() - started, run.run_id, run.tracking_uri)
+
+
+@contextlib.contextmanager
+def _tracked(name: str, tags: dict[str, str]) -> Iterator[tuple[tracking.Run, tracking.TrainingChain, dict]]:
+    """The MLflow run of training ``name``, logged with params.yaml as given (this model's section as
+    ``train.<key>``, and the other stages' sections, not the other models'), the chain of runs it
+    continues, and this model's section."""
+    all_params = load_params(PARAMS_FILE)
+    section = all_params["train"][name]
+    run_params = {**{key: value for key, value in all_params.items() if key != "train"}, "train": section}
+    with tracking.start_run(repo_root=Path.cwd(), params=run_params, tags=tags, run_name=tracking.run_name(name)) as run:
+        yield run, tracking.TrainingChain(run, ModelPaths(name).checkpoint), section
+
 
 
 if __name__ == "__main__":

@@ -665,6 +665,49 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: 
     return run
 
 
+class TrainingChain:
+    """The chain of MLflow runs of one training, run after resumed run, kept in its checkpoint.
+
+    Callbacks of :func:`vdsr.train.train`: :meth:`started` (``on_start``) tags the run with what it
+    continues (the run before it, or the release it was warm-started from) and extends
+    :attr:`runs`, the runs of this training oldest first, which :attr:`extra` (``checkpoint_extra``)
+    carries into the checkpoint as ``mlflow_runs`` (``mlflow_run_id``: this run); :meth:`log_epoch`
+    (``on_epoch_end``) logs an epoch's history row as metrics at step ``epoch``.
+    """
+
+    def __init__(self, run: Run, checkpoint: Path) -> None:
+        self.run, self.checkpoint = run, checkpoint
+        this_run = run.run_id or run.started_run_id
+        self.extra: dict[str, Any] = {"mlflow_run_id": this_run, "mlflow_runs": [this_run]}
+
+    @property
+    def runs(self) -> list[str | None]:
+        return self.extra["mlflow_runs"]
+
+    def started(self, position: Any, extra: dict[str, Any]) -> None:
+        """``position`` (a :class:`vdsr.checkpoints.Position`) and ``extra`` of the checkpoint read."""
+        resumed = bool(position.epoch or position.step)
+        if extra.get("warm_start", {}).get("new_cycle") and not resumed:
+            warm = extra["warm_start"]
+            self.run.set_tags({"warm_start": f"{warm['from']} (sha256 {warm['sha256'][:12]}) at {warm['at']}",
+                               "mlflow.note.content": f"A new cycle from the weights of {warm['from']}."})
+        if resumed:  # say which run this one continues
+            earlier = extra.get("mlflow_run_id") or "unknown"
+            # every run of the chain, oldest first (checkpoints before this key: the last one only)
+            self.extra["mlflow_runs"] = [*extra.get("mlflow_runs", [earlier]), self.extra["mlflow_run_id"]]
+            self.run.set_tags({"resumed_from": str(position), "resumed_from_epoch": str(position.epoch),
+                               "continues_run": earlier,
+                               "mlflow.note.content": f"Continues run {earlier} from {self.checkpoint} after {position}."})
+
+    def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        self.run.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch)
+
+    def log_earlier_epochs(self, rows: list[dict[str, float]]) -> None:
+        """The epochs of the runs this one resumed, logged to this run too."""
+        for row in rows:
+            self.log_epoch(int(row["epoch"]), row)
+
+
 def dashboard_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The page of a run (or of the experiment) in the MLflow UI, opened on model training.
 

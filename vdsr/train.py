@@ -54,6 +54,9 @@ import dataclasses
 import datetime
 import logging
 import math
+import signal
+import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -69,7 +72,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vdsr.recipe import CLIP_MODES, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 from vdsr.checkpoints import (
     CheckpointError,
     Position,
@@ -81,10 +83,11 @@ from vdsr.checkpoints import (
 )
 from vdsr.distributed import check_same_data
 from vdsr.evaluate import to_uint8
+from vdsr.inference import predict_y
 from vdsr.metrics import psnr
 from vdsr.models import ModelConfig, build_model, resolve_device
+from vdsr.recipe import CLIP_MODES, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 from vdsr.runtime import Runtime, compiled, resolve_runtime, training_flags
-from vdsr.inference import predict_y
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +416,215 @@ def _start(
     return State(model, optimizer, ema, history_of(payload), position, dict(payload["extra"]))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The fixed shape of a run, decided before its first step: this process's place among the
+    processes, how batches are cut and where checkpoints go."""
+
+    model_config: ModelConfig
+    config: TrainConfig
+    runtime: Runtime
+    n: int  # patches
+    batch_size: int  # global: all processes together
+    steps: int  # per epoch
+    rank: int
+    world_size: int
+    checkpoint_path: Path | None
+    checkpoint_every_s: float | None
+    checkpoint_extra: dict[str, Any]  # the caller's (read at each write: on_start may change it), over the checkpoint's
+    data_id: str
+    stop: Callable[[], bool] | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def mine(self) -> slice:
+        """This process's columns of each batch."""
+        local = self.batch_size // self.world_size
+        return slice(self.rank * local, (self.rank + 1) * local)
+
+    def stop_requested(self) -> bool:
+        return self.stop is not None and self.stop()
+
+
+@dataclass
+class Loop:
+    """What a run changes as it goes: the one mutable object of :func:`train`."""
+
+    state: State  # model, optimizer, averaged weights, history; ``state.position``: where this run began
+    step_model: nn.Module  # the model as stepped: DDP and compilation around ``state.model``
+    lr_patches: torch.Tensor
+    hr_patches: torch.Tensor
+    bar: tqdm
+    run_start: float = dataclasses.field(default_factory=time.perf_counter)
+    last_checkpoint: float = dataclasses.field(default_factory=time.monotonic)
+    run_steps: int = 0  # steps taken by this run (not by the runs it resumes)
+    estimated: bool = False  # the time estimate has been said
+
+    def elapsed(self) -> float:
+        """Training and validation time of all runs so far, this one included."""
+        return self.state.position.elapsed_s + time.perf_counter() - self.run_start
+
+
+@dataclass
+class EpochSteps:
+    """What the steps of one epoch leave for its end: the training loss and the time they took."""
+
+    train_loss: float
+    lr: float  # of the last step
+    first: int  # the first step this run took (a resumed epoch starts mid-way)
+    start: float  # perf_counter at the first step
+    train_time: float
+
+
+def _plan(train_lr: np.ndarray, train_hr: np.ndarray, model_config: ModelConfig, config: TrainConfig,
+          runtime: Runtime, **fixed: Any) -> Plan:
+    """Check the patches and the batch against the processes; ``fixed``: the other :class:`Plan` fields."""
+    if train_lr.shape != train_hr.shape or train_lr.ndim != 4 or train_lr.shape[1] != 1:
+        raise ValueError(f"patches must be (N, 1, P, P) alike, got lr {train_lr.shape} and hr {train_hr.shape}")
+    if train_lr.shape[2] != train_lr.shape[3]:
+        raise ValueError(f"patches must be square for the rotations, got {train_lr.shape[2:]}")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = train_lr.shape[0]
+    batch_size = min(config.batch_size, n)  # global: all processes together
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} processes")
+    if world_size > 1:
+        check_same_data(fixed["data_id"], world_size)
+    return Plan(model_config, config, runtime, n, batch_size, config.steps_per_epoch or n // batch_size, rank,
+                world_size, **fixed)
+
+
+def _loop(plan: Plan, state: State, train_lr: np.ndarray, train_hr: np.ndarray, bar: tqdm) -> Loop:
+    """The model as stepped (DDP averages the gradients over the processes during backward;
+    compiled around it) and the patches where batches are cut."""
+    step_model: nn.Module = state.model
+    if plan.world_size > 1:
+        step_model = DistributedDataParallel(state.model, device_ids=[plan.device] if plan.runtime.cuda else None)
+    step_model = compiled(step_model, plan.runtime)
+    lr_patches, hr_patches = place_patches(train_lr, train_hr, plan.device)
+    log.info("training %s on %d patches (%d steps of %d per epoch%s) on %s, epochs %d..%d",
+             plan.model_config, plan.n, plan.steps, plan.batch_size,
+             f", {plan.batch_size // plan.world_size} in each of {plan.world_size} processes"
+             if plan.world_size > 1 else "", plan.runtime, state.position.epoch + 1, plan.config.epochs)
+    return Loop(state, step_model, lr_patches, hr_patches, bar)
+
+
+def _write_checkpoint(plan: Plan, loop: Loop, position: Position) -> None:
+    """Rank 0 writes the checkpoint (when there is a path) at ``position``."""
+    if plan.rank == 0 and plan.checkpoint_path is not None:
+        s = loop.state
+        save_checkpoint(plan.checkpoint_path, model=s.model, optimizer=s.optimizer, ema=s.ema,
+                        model_config=plan.model_config, config=plan.config, data_id=plan.data_id, position=position,
+                        history=s.history, extra={**s.extra, **plan.checkpoint_extra}, steps_per_epoch=plan.steps)
+    loop.last_checkpoint = time.monotonic()
+
+
+def _check_and_report(plan: Plan, loop: Loop, epoch: int, step: int, steps: EpochSteps, loss: torch.Tensor,
+                      first_bad_step: torch.Tensor) -> None:
+    """Every LOG_EVERY steps: stop on a non-finite loss (all processes together, at the first bad
+    step of any), update the bar and, once, say how long the run will take. Reading a GPU scalar
+    waits for all queued work, so it is done only here; in between the CPU queues the next steps."""
+    config, total = plan.config, plan.steps
+    if plan.world_size > 1:
+        dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
+    bad = int(first_bad_step.item())
+    if bad < total:
+        raise FloatingPointError(f"epoch {epoch}, step {bad + 1}/{total}: the loss is not finite (nan or inf) at "
+                                 f"lr {steps.lr:g}; lower train.lr or clip the gradients (train.clip)")
+    rate = (step + 1 - steps.first) * plan.batch_size / (time.perf_counter() - steps.start)
+    loop.bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{loss.item():.4g}", lr=f"{steps.lr:.3g}",
+                         patches_s=f"{rate:.0f}")
+    if not loop.estimated and plan.rank == 0:
+        run_rate = loop.run_steps * plan.batch_size / (time.perf_counter() - loop.run_start)
+        remaining = (config.epochs - epoch) * total + total - (step + 1)
+        announce_estimate(run_rate, remaining, plan.batch_size, plan.runtime)
+    loop.estimated = True
+
+
+def _checkpoint_or_stop_mid_epoch(plan: Plan, loop: Loop, epoch: int, step: int, loss_sum: torch.Tensor) -> None:
+    """After ``step``: a checkpoint when ``checkpoint_every_s`` have passed or a stop was asked for
+    (decided by all processes together); on a stop, :class:`TrainingInterrupted`."""
+    every = plan.checkpoint_every_s
+    due = every is not None and time.monotonic() - loop.last_checkpoint >= every
+    halt, due = _agree([plan.stop_requested(), due], plan.world_size, plan.device)
+    if halt or due:
+        position = Position(epoch - 1, step + 1, _global_sum(loss_sum, plan.world_size), elapsed_s=loop.elapsed())
+        _write_checkpoint(plan, loop, position)
+        if halt:
+            raise TrainingInterrupted(position, plan.checkpoint_path)
+
+
+def _train_epoch(plan: Plan, loop: Loop, epoch: int) -> EpochSteps:
+    """The steps of ``epoch`` (from the checkpoint's step when it resumes mid-way): set the
+    learning rate, cut and augment the batch, step, average the weights; check and report every
+    LOG_EVERY steps, checkpoint or stop on request in between."""
+    config, device, steps, at = plan.config, plan.device, plan.steps, loop.state.position
+    state = loop.state
+    resumed = epoch == at.epoch + 1
+    first = at.step if resumed else 0
+    # the epoch's random draws, from (seed, epoch) alone: the same in every process
+    generator = epoch_generator(config.seed, epoch)
+    order = batch_order(plan.n, steps, plan.batch_size, generator)  # (steps, B)
+    transforms = torch.randint(0, 8, (steps, plan.batch_size), generator=generator)  # (steps, B)
+    order = order[:, plan.mine].to(loop.lr_patches.device)  # (steps, B / processes)
+    transforms = transforms[:, plan.mine].to(device)
+
+    loss_sum = torch.full((), at.loss_sum if resumed and plan.rank == 0 else 0.0, device=device)
+    first_bad_step = torch.full((), steps, device=device)  # steps: none yet
+    done = EpochSteps(0.0, 0.0, first, time.perf_counter(), 0.0)
+    for step in range(first, steps):
+        done.lr = learning_rate(config, epoch, step, steps)
+        for group in state.optimizer.param_groups:
+            group["lr"] = done.lr
+        x, y = get_batch(loop.lr_patches, loop.hr_patches, order[step], device)
+        if config.augment:
+            x, y = augment(x, y, transforms[step])
+        x = x.contiguous(memory_format=plan.runtime.memory_format)
+        loss = train_step(loop.step_model, state.optimizer, x, y, lr=done.lr, clip=config.clip, loss=config.loss,
+                          clip_theta=config.clip_theta, autocast=plan.runtime.autocast())
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
+        loss_sum += loss
+        first_bad_step = torch.where((first_bad_step == steps) & ~torch.isfinite(loss), step, first_bad_step)
+        loop.bar.update(1)
+        loop.run_steps += 1
+        boundary = (step + 1) % LOG_EVERY == 0 or step + 1 == steps
+        if boundary:
+            _check_and_report(plan, loop, epoch, step, done, loss, first_bad_step)
+        if step + 1 < steps and (plan.world_size == 1 or boundary):  # mid-epoch: checkpoint or stop?
+            _checkpoint_or_stop_mid_epoch(plan, loop, epoch, step, loss_sum)
+
+    if plan.world_size > 1:  # the mean of the slices' losses is the batch loss
+        dist.all_reduce(loss_sum)
+    done.train_loss = loss_sum.item() / steps / plan.world_size  # waits for the GPU
+    done.train_time = time.perf_counter() - done.start
+    return done
+
+
+def _end_epoch(plan: Plan, loop: Loop, epoch: int, done: EpochSteps, validation: Validation) -> dict[str, float]:
+    """Validate (the averaged weights, and the raw ones too when there are both), append the
+    epoch's history row, log it and write the checkpoint; returns the row."""
+    state, device = loop.state, plan.device
+    val = validate(state.model if state.ema is None else state.ema.module, validation, device)
+    row = {"epoch": epoch, "train_loss": done.train_loss, "lr": done.lr}
+    row.update({f"val_psnr_x{scale}": value for scale, value in val.items()})
+    if state.ema is not None:  # val_psnr_x<s>: the averaged weights (the run's output); also the raw ones
+        raw = validate(state.model, validation, device)
+        row.update({f"val_psnr_raw_x{scale}": value for scale, value in raw.items()})
+    row.update(patches_per_s=(plan.steps - done.first) * plan.batch_size / done.train_time,
+               time_s=time.perf_counter() - done.start, elapsed_s=loop.elapsed())
+    state.history.append(row)
+    log.info("epoch %d: loss %.5f, lr %.3g, val psnr %s%s, %.0f patches/s", epoch, done.train_loss, done.lr,
+             " ".join(f"x{s} {v:.2f}" for s, v in val.items()) or "-",
+             "" if state.ema is None else " (averaged weights; raw " +
+             " ".join(f"x{s} {v:.2f}" for s, v in raw.items()) + ")", row["patches_per_s"])
+    _write_checkpoint(plan, loop, Position(epoch, elapsed_s=row["elapsed_s"]))
+    return row
+
+
 def train(
     train_lr: np.ndarray,
     train_hr: np.ndarray,
@@ -458,140 +670,68 @@ def train(
     device; all return the same result, and only rank 0 touches the checkpoint, calls the
     callbacks and shows progress (see the module docstring).
     """
-    if train_lr.shape != train_hr.shape or train_lr.ndim != 4 or train_lr.shape[1] != 1:
-        raise ValueError(f"patches must be (N, 1, P, P) alike, got lr {train_lr.shape} and hr {train_hr.shape}")
-    if train_lr.shape[2] != train_lr.shape[3]:
-        raise ValueError(f"patches must be square for the rotations, got {train_lr.shape[2:]}")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if runtime is None:
         runtime = resolve_runtime(resolve_device(device), "fp32", channels_last=False)
-    device = runtime.device
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    n = train_lr.shape[0]
-    batch_size = min(config.batch_size, n)  # global: all processes together
-    if batch_size % world_size:
-        raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} processes")
-    local_batch = batch_size // world_size
-    mine = slice(rank * local_batch, (rank + 1) * local_batch)  # this process's columns of each batch
-    steps = config.steps_per_epoch or n // batch_size
-    if world_size > 1:
-        check_same_data(data_id, world_size)
-
+    plan = _plan(train_lr, train_hr, model_config, config, runtime, stop=stop, data_id=data_id,
+                 checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None,
+                 checkpoint_every_s=checkpoint_every_s, checkpoint_extra=checkpoint_extra or {})
     with training_flags(runtime):
-        state = _start(model_config, config, runtime, checkpoint_path, data_id, rank, world_size, start_over)
-        model, optimizer, ema, history, at, extra = (state.model, state.optimizer, state.ema, state.history,
-                                                     state.position, state.extra)
-        if rank == 0 and on_start is not None:
-            on_start(at, extra)
-        step_model: nn.Module = model
-        if world_size > 1:  # averages the gradients over the processes during backward; compiled around it
-            step_model = DistributedDataParallel(model, device_ids=[device] if runtime.cuda else None)
-        step_model = compiled(step_model, runtime)
-        lr_patches, hr_patches = place_patches(train_lr, train_hr, device)
-        log.info("training %s on %d patches (%d steps of %d per epoch%s) on %s, epochs %d..%d",
-                 model_config, n, steps, batch_size,
-                 f", {local_batch} in each of {world_size} processes" if world_size > 1 else "",
-                 runtime, at.epoch + 1, config.epochs)
-
-        def write_checkpoint(position: Position) -> None:
-            if rank == 0 and checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, ema=ema, model_config=model_config,
-                                config=config, data_id=data_id, position=position, history=history,
-                                extra={**extra, **(checkpoint_extra or {})}, steps_per_epoch=steps)
-
-        run_start, run_steps, last_checkpoint, estimated = time.perf_counter(), 0, time.monotonic(), False
-
-        def elapsed() -> float:  # training and validation time of all runs so far, this one included
-            return at.elapsed_s + time.perf_counter() - run_start
-        model.train()
-        with progress_bar(config.epochs * steps, at.epoch * steps + at.step, progress and rank == 0) as bar:
-            for epoch in range(at.epoch + 1, config.epochs + 1):
-                resumed = epoch == at.epoch + 1
-                first = at.step if resumed else 0
-                # the epoch's random draws, from (seed, epoch) alone: the same in every process
-                generator = epoch_generator(config.seed, epoch)
-                order = batch_order(n, steps, batch_size, generator)  # (steps, B)
-                transforms = torch.randint(0, 8, (steps, batch_size), generator=generator)  # (steps, B)
-                order = order[:, mine].to(lr_patches.device)  # (steps, B / processes)
-                transforms = transforms[:, mine].to(device)
-
-                loss_sum = torch.full((), at.loss_sum if resumed and rank == 0 else 0.0, device=device)
-                first_bad_step = torch.full((), steps, device=device)  # steps: none yet
-                start = time.perf_counter()
-                for step in range(first, steps):
-                    lr = learning_rate(config, epoch, step, steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    x, y = get_batch(lr_patches, hr_patches, order[step], device)
-                    if config.augment:
-                        x, y = augment(x, y, transforms[step])
-                    x = x.contiguous(memory_format=runtime.memory_format)
-                    loss = train_step(step_model, optimizer, x, y, lr=lr, clip=config.clip, loss=config.loss,
-                                      clip_theta=config.clip_theta, autocast=runtime.autocast())
-                    if ema is not None:
-                        ema.update_parameters(model)
-                    loss_sum += loss
-                    first_bad_step = torch.where((first_bad_step == steps) & ~torch.isfinite(loss), step,
-                                                 first_bad_step)
-                    bar.update(1)
-                    run_steps += 1
-                    # Reading a GPU scalar waits for all queued work, so it is done only every
-                    # LOG_EVERY steps; in between the CPU runs ahead and queues the next steps.
-                    boundary = (step + 1) % LOG_EVERY == 0 or step + 1 == steps
-                    if boundary:
-                        if world_size > 1:  # all processes stop together, at the first bad step of any
-                            dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
-                        bad = int(first_bad_step.item())
-                        if bad < steps:
-                            raise FloatingPointError(
-                                f"epoch {epoch}, step {bad + 1}/{steps}: the loss is not finite (nan or inf) at "
-                                f"lr {lr:g}; lower train.lr or clip the gradients (train.clip)"
-                            )
-                        rate = (step + 1 - first) * batch_size / (time.perf_counter() - start)
-                        bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{loss.item():.4g}", lr=f"{lr:.3g}",
-                                        patches_s=f"{rate:.0f}")
-                        if not estimated and rank == 0:
-                            run_rate = run_steps * batch_size / (time.perf_counter() - run_start)
-                            remaining = (config.epochs - epoch) * steps + steps - (step + 1)
-                            announce_estimate(run_rate, remaining, batch_size, runtime)
-                        estimated = True
-                    if step + 1 < steps and (world_size == 1 or boundary):  # mid-epoch: checkpoint or stop?
-                        due = checkpoint_every_s is not None and time.monotonic() - last_checkpoint >= checkpoint_every_s
-                        halt, due = _agree([stop is not None and stop(), due], world_size, device)
-                        if halt or due:
-                            position = Position(epoch - 1, step + 1, _global_sum(loss_sum, world_size),
-                                                elapsed_s=elapsed())
-                            write_checkpoint(position)
-                            last_checkpoint = time.monotonic()
-                            if halt:
-                                raise TrainingInterrupted(position, checkpoint_path)
-
-                if world_size > 1:  # the mean of the slices' losses is the batch loss
-                    dist.all_reduce(loss_sum)
-                train_loss = loss_sum.item() / steps / world_size  # waits for the GPU
-                train_time = time.perf_counter() - start
-
-                val = validate(model if ema is None else ema.module, validation, device)
-                row = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-                row.update({f"val_psnr_x{scale}": value for scale, value in val.items()})
-                if ema is not None:  # val_psnr_x<s>: the averaged weights (the run's output); also the raw ones
-                    raw = validate(model, validation, device)
-                    row.update({f"val_psnr_raw_x{scale}": value for scale, value in raw.items()})
-                row.update(patches_per_s=(steps - first) * batch_size / train_time, time_s=time.perf_counter() - start,
-                           elapsed_s=elapsed())
-                history.append(row)
-                log.info("epoch %d: loss %.5f, lr %.3g, val psnr %s%s, %.0f patches/s", epoch, train_loss, lr,
-                         " ".join(f"x{s} {v:.2f}" for s, v in val.items()) or "-",
-                         "" if ema is None else " (averaged weights; raw " +
-                         " ".join(f"x{s} {v:.2f}" for s, v in raw.items()) + ")", row["patches_per_s"])
-                write_checkpoint(Position(epoch, elapsed_s=row["elapsed_s"]))
-                last_checkpoint = time.monotonic()
-                if rank == 0 and on_epoch_end is not None:
+        state = _start(model_config, config, runtime, plan.checkpoint_path, data_id, plan.rank, plan.world_size,
+                       start_over)
+        if plan.rank == 0 and on_start is not None:
+            on_start(state.position, state.extra)
+        done_steps = state.position.epoch * plan.steps + state.position.step
+        with progress_bar(config.epochs * plan.steps, done_steps, progress and plan.rank == 0) as bar:
+            loop = _loop(plan, state, train_lr, train_hr, bar)
+            state.model.train()
+            for epoch in range(state.position.epoch + 1, config.epochs + 1):
+                steps = _train_epoch(plan, loop, epoch)
+                row = _end_epoch(plan, loop, epoch, steps, validation)
+                if plan.rank == 0 and on_epoch_end is not None:
                     on_epoch_end(epoch, dict(row))
-                if epoch < config.epochs and _agree([stop is not None and stop()], world_size, device)[0]:
-                    raise TrainingInterrupted(Position(epoch, elapsed_s=row["elapsed_s"]), checkpoint_path)
+                if epoch < config.epochs and _agree([plan.stop_requested()], plan.world_size, runtime.device)[0]:
+                    raise TrainingInterrupted(Position(epoch, elapsed_s=row["elapsed_s"]), plan.checkpoint_path)
 
-    model.eval()
-    if ema is not None:  # the run's output is the averaged copy; the raw weights stay in the checkpoint
-        model = ema.module.eval()
-    return TrainResult(model=model, history=history, resumed_from=at.epoch, resumed_at=at, checkpoint_extra=extra)
+    state.model.eval()
+    # the run's output is the averaged copy when there is one; the raw weights stay in the checkpoint
+    model = state.model if state.ema is None else state.ema.module.eval()
+    return TrainResult(model=model, history=state.history, resumed_from=state.position.epoch,
+                       resumed_at=state.position, checkpoint_extra=state.extra)
+
+
+# --- for the train stage: stopping on a signal, the run's summary --------------------------------
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, with a checkpoint;
+    a second one stops at once. Called, it says whether a stop was asked for (``train(stop=...)``)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\ntrain: {signal.Signals(signum).name} received, stopping after this step with a checkpoint "
+              "(again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+def summary_metrics(history: list[dict[str, float]]) -> dict[str, Any]:
+    """metrics/train_<name>.json: the last epoch's loss and validation PSNR, epochs, wall time
+    (all runs, resumed ones too) and the median speed."""
+    final = history[-1]
+    return {
+        "train_loss": final["train_loss"],
+        **{key: round(value, 4) for key, value in final.items() if key.startswith("val_psnr_x")},
+        "epochs": len(history),
+        "wall_time_s": round(final["elapsed_s"], 1),
+        "patches_per_s": round(statistics.median(row["patches_per_s"] for row in history), 1),
+    }
