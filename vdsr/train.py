@@ -674,7 +674,8 @@ def train(
         runtime = resolve_runtime(resolve_device(device), "fp32", channels_last=False)
     plan = _plan(train_lr, train_hr, model_config, config, runtime, stop=stop, data_id=data_id,
                  checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None,
-                 checkpoint_every_s=checkpoint_every_s, checkpoint_extra=checkpoint_extra or {})
+                 checkpoint_every_s=checkpoint_every_s,
+                 checkpoint_extra={} if checkpoint_extra is None else checkpoint_extra)
     with training_flags(runtime):
         state = _start(model_config, config, runtime, plan.checkpoint_path, data_id, plan.rank, plan.world_size,
                        start_over)
