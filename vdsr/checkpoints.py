@@ -389,9 +389,15 @@ def write_model_file(path: str | Path, model: nn.Module, model_config: ModelConf
     save_model(path, model, model_config, meta)
 
 
+def read_model_file(path: str | Path) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Model (CPU, eval mode), its config and ``meta`` of a model file (:func:`vdsr.models.load_model`;
+    ``ModelFileError`` if it is not one)."""
+    return load_model(path)
+
+
 def read_model_meta(path: str | Path) -> dict[str, Any]:
-    """The ``meta`` of a model file (:func:`vdsr.models.load_model`; ``ModelFileError`` if it is not one)."""
-    return load_model(path)[2]
+    """The ``meta`` of a model file (:func:`read_model_file`)."""
+    return read_model_file(path)[2]
 
 
 def stage_meta(*, mlflow_run_id: str | None, seed: int, history: list[dict[str, float]], train_sha256: str,

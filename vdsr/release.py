@@ -44,13 +44,14 @@ from vdsr import atomic_dir, evaluate
 from vdsr.checkpoints import (  # Trained, read_trained: re-exported, the release's reading of a training
     Position,
     Trained,
+    read_model_file,
     read_trained,
     release_meta,
     save_checkpoint,
     write_model_file,
 )
 from vdsr.io import error_message, sha256_file, write_json_atomic
-from vdsr.models import MODELS, load_model
+from vdsr.models import MODELS
 
 if TYPE_CHECKING:
     from vdsr.recipe import TrainConfig
@@ -179,7 +180,7 @@ def shipped_score(out_dir: Path, files: ReleaseFiles) -> float | None:
     ``ValueError`` if its model file holds another kind (written before publish checked kinds)."""
     model_path, eval_path = out_dir / files.model, out_dir / files.eval
     if model_path.is_file():
-        shipped_kind = load_model(model_path)[1].name
+        shipped_kind = read_model_file(model_path)[1].name
         if shipped_kind != files.kind:
             raise ValueError(f"{model_path}: holds a {shipped_kind} model, not {files.kind}, so its scores are "
                              f"not the {files.kind} release's; restore the file from git or remove it (with "
