@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,14 @@ def test_released_weights_reproduce_their_card_on_set5(set5_dir: Path, tmp_path:
         row = re.search(rf"\| Set5 \| {scale} \|.*\*\*([\d.]+) / ([\d.]+)\*\*", card)
         assert row and float(row[1]) == pytest.approx(measured[scale]["psnr"], abs=0.01), (scale, row)
     # the targets the card claims agree with its own table
-    table, reached = model_card.results_rows(json.loads((SHIPPED / release.EVAL_FILE).read_text()))
-    assert table in card and f"every scale: **{'reached' if reached['must'] else 'not reached'}**" in card
+    shipped_eval = json.loads((SHIPPED / release.EVAL_FILE).read_text())
+    table, reached = model_card.results_rows(shipped_eval)
+    assert table in card
+    if "previous" in shipped_eval:  # a release continued from an earlier one: its own targets
+        for text, short in model_card.continuation_targets(shipped_eval, shipped_eval["previous"]["model"]):
+            assert f"- {text}: **{'not reached' if short else 'reached'}**" in card, text
+    else:
+        assert f"every scale: **{'reached' if reached['must'] else 'not reached'}**" in card
 
 
 def test_cli_names_the_released_weights(set5_dir: Path, caplog) -> None:
@@ -225,3 +232,15 @@ def test_publish_of_a_new_cycle_shows_the_chain_the_averaging_and_the_self_ensem
     assert f"| 2 | {last['val_psnr_x2']:.2f} | {last['val_psnr_raw_x2']:.2f} | " in card  # epoch 2: averaged, raw
     assert "make release-cpu-v2" in card and "of the earlier cycles it was warm-started from" in card
     assert (out / release.CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "previous" not in scores and "Targets of the CPU release" in card  # nothing shipped there before
+    # published over the release it continues: compared with it, cell by cell (eval.json "previous")
+    shutil.copytree(first, tmp_path / "over")
+    before = json.loads((first / release.EVAL_FILE).read_text())
+    assert release.publish(checkpoint, workspace_with(set5_dir, tmp_path / "ws3"), tmp_path / "over", ["Set5"],
+                           force=True, preset="release-cpu-v2")
+    over = json.loads((tmp_path / "over" / release.EVAL_FILE).read_text())
+    assert over["previous"] == {"weights": before["weights"], "model": before["model"]}
+    card = (tmp_path / "over" / release.CARD_FILE).read_text()
+    for text, short in model_card.continuation_targets(over, before["model"]):
+        assert f"- {text}: **{'not reached' if short else 'reached'}**" in card
+    assert "Targets of the CPU release" not in card

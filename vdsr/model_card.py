@@ -209,15 +209,73 @@ def results_rows(scores: dict[str, Any]) -> tuple[str, dict[str, bool]]:
                               "moonshot": moonshot and "Set5" in scores["model"]}
 
 
+CELLS = ("x2", "x3", "x4")
+
+
+def _below(table: dict[str, Any], reference: dict[str, dict[str, float]], strict: bool = False) -> list[str]:
+    """The cells of ``reference`` ({set: {scale: psnr}}) that ``table`` misses or does not reach, as published
+    (both rounded to 0.01 dB); ``strict``: equal is not enough."""
+    short = []
+    for dataset, by_scale in reference.items():
+        for scale, target in by_scale.items():
+            ours = table.get(dataset, {}).get(scale)
+            value = round(ours["psnr"], 2) if ours else None
+            if value is None or value < round(target, 2) or (strict and value == round(target, 2)):
+                short.append(f"{dataset} {scale} {'-' if value is None else f'{value:.2f}'} vs {target:.2f}")
+    return short
+
+
+def continuation_targets(scores: dict[str, Any], previous: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The targets of a release continued from a shipped one, each with the cells that miss it (none: reached).
+
+    Must: every cell of Set5, Set14 and B100 at or above the release it continues (``previous``, that
+    release's eval.json ``model`` table), and Set5 above both GPU reimplementations
+    (:data:`vdsr.paper.GPU_REIMPLEMENTATIONS`) at every scale. Goal: at or above the paper's VDSR in all
+    12 cells. Moonshot: the x8 self-ensemble at or above twtygqyy's weights on Set5, Set14 and B100.
+    """
+    before = {d: {s: previous[d][s]["psnr"] for s in CELLS} for d in MUST_SETS if d in previous}
+    best_gpu = {"Set5": {s: max(paper.REIMPLEMENTATIONS[name]["Set5"][s] for name in paper.GPU_REIMPLEMENTATIONS)
+                         for s in CELLS}}
+    vdsr = {d: {s: paper.TABLE3[d][s]["vdsr"][0] for s in CELLS} for d in paper.TABLE3}
+    model, plus = scores["model"], scores.get("self_ensemble") or {}
+    gpu_names = " and ".join(paper.GPU_REIMPLEMENTATIONS)
+    return [
+        ((f"must, every cell of {', '.join(MUST_SETS)} at or above the release it continues, and Set5 above "
+          f"{gpu_names} at every scale ({' / '.join(f'{v:.2f}' for v in best_gpu['Set5'].values())})"),
+         _below(model, before) + _below(model, best_gpu, strict=True)),
+        ("goal, at or above the paper's VDSR in all 12 cells (four sets, three scales)", _below(model, vdsr)),
+        ("moonshot, VDSR+ (x8 self-ensemble) at or above twtygqyy's weights on Set5, Set14 and B100",
+         _below(plus, paper.REIMPLEMENTATIONS["twtygqyy"])),
+    ]
+
+
+def targets_text(scores: dict[str, Any], reached: dict[str, bool], previous: dict[str, Any] | None,
+                 sets: tuple[str, ...]) -> str:
+    """The card's targets: the first CPU release's (``reached`` from :func:`results_rows`), or, for a
+    release continued from a shipped one (``previous``: its eval.json ``model`` table), :func:`continuation_targets`."""
+    if previous is None:
+        return f"""Targets of the CPU release{_missing(scores, sets)}:
+
+- must, above the paper's SRCNN on Set5, Set14 and B100 at every scale: **{_yes(reached['must'])}**
+- goal, the paper's 91-image VDSR on Set5 (37.06 / 33.27 / 30.95): **{_yes(reached['goal'])}**
+- moonshot, the paper's VDSR on Set5 (37.53 / 33.66 / 31.35): **{_yes(reached['moonshot'])}**"""
+    lines = [f"- {text}: **{_yes(not short)}**" + (f" (short: {'; '.join(short)})" if short else "")
+             for text, short in continuation_targets(scores, previous)]
+    return (f"Targets of this release, continued from the one it replaces{_missing(scores, sets)} (PSNR as published, "
+            "to 0.01 dB):\n\n" + "\n".join(lines))
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
 def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[str, Any], model_path: Path,
-               digest: str, *, sets: tuple[str, ...], curve: str = "val_psnr.png") -> None:
+               digest: str, *, sets: tuple[str, ...], curve: str = "val_psnr.png",
+               previous: dict[str, Any] | None = None) -> None:
     """Write ``MODEL_CARD.md`` (atomically) for the weights ``model_path`` (sha256 ``digest``);
     ``sets``: the release's test sets (those ``scores`` lacks are named as not evaluated);
-    ``curve``: the name of the validation curve beside it."""
+    ``curve``: the name of the validation curve beside it; ``previous``: the ``model`` table of the
+    release these weights continue (its targets are then :func:`continuation_targets`)."""
     table, reached = results_rows(scores)
     config, tc = trained.config, trained.train_config
     status = "finished" if trained.finished else f"in progress: {trained.progress()}"
@@ -263,11 +321,7 @@ columns are its Table 3 (291 training images, 80 epochs on a GPU).
 
 {table}{plus_rows(scores, config.name)}
 
-Targets of the CPU release{_missing(scores, sets)}:
-
-- must, above the paper's SRCNN on Set5, Set14 and B100 at every scale: **{_yes(reached['must'])}**
-- goal, the paper's 91-image VDSR on Set5 (37.06 / 33.27 / 30.95): **{_yes(reached['goal'])}**
-- moonshot, the paper's VDSR on Set5 (37.53 / 33.66 / 31.35): **{_yes(reached['moonshot'])}**
+{targets_text(scores, reached, previous, sets)}
 
 ![validation PSNR against training time]({curve})
 

@@ -38,6 +38,17 @@ TABLE3: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
     },
 }
 
+# Published VDSR reimplementations (PSNR x2/x3/x4; ``shared/reference/paper_tables.md``): trained on GPUs.
+# "twtygqyy" is the de facto PyTorch VDSR's shipped weights evaluated with this project's code.
+REIMPLEMENTATIONS: dict[str, dict[str, dict[str, float]]] = {
+    "caffe-vdsr": {"Set5": {"x2": 37.46, "x3": 33.52, "x4": 31.14}, "Set14": {"x2": 32.83, "x3": 29.55, "x4": 27.81},
+                   "B100": {"x2": 31.65, "x3": 28.62, "x4": 27.13}},
+    "Lornatang": {"Set5": {"x2": 37.41, "x3": 33.44, "x4": 31.05}},
+    "twtygqyy": {"Set5": {"x2": 37.59, "x3": 33.75, "x4": 31.43}, "Set14": {"x2": 33.04, "x3": 29.84, "x4": 28.08},
+                 "B100": {"x2": 31.91, "x3": 28.85, "x4": 27.29}},
+}
+GPU_REIMPLEMENTATIONS = ("caffe-vdsr", "Lornatang")  # the release must beat both on Set5
+
 Table = dict[str, dict[str, dict[str, float]]]  # {set: {"x2": {"psnr": .., "ssim": ..}}}, the metrics files
 
 

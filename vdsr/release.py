@@ -154,6 +154,7 @@ def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, fo
         for done in atomic_dir.recover(out_dir):
             log.info("release: %s, left by an interrupted publish", done)
         old = shipped_score(out_dir, files)
+        previous = shipped_record(out_dir, files) if trained.extra.get("earlier") else None
         # The deciding set first, so that weights which do not beat the release cost only its ~20 s (on 2 cores).
         ordered = sorted(sets, key=lambda name: name != COMPARED_ON)
         scores = evaluate_sets(trained.model, raw_dir, ordered[:1], list(SCALES))
@@ -169,7 +170,7 @@ def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, fo
         if self_ensemble_sets:
             scores.update(evaluate_sets(trained.model, raw_dir, list(self_ensemble_sets), list(SCALES),
                                         self_ensemble=True))
-        write_release(out_dir, files, trained, scores, workspace, preset)
+        write_release(out_dir, files, trained, scores, workspace, preset, previous)
     log.info("release: wrote %s in %s (Set5 mean %.3f dB, shipped before: %s)", ", ".join(files.names), out_dir,
              new if new is not None else float("nan"), f"{old:.3f} dB" if old is not None else "none")
     return True
@@ -190,11 +191,23 @@ def shipped_score(out_dir: Path, files: ReleaseFiles) -> float | None:
     return set5_mean(json.loads(eval_path.read_text())["model"])
 
 
+def shipped_record(out_dir: Path, files: ReleaseFiles) -> dict[str, Any] | None:
+    """What the release in ``out_dir`` scored (``{"weights": {...}, "model": table}``, from its eval.json), the
+    record a release continued from it is compared with; None if there is none."""
+    eval_path = out_dir / files.eval
+    if not eval_path.is_file():
+        return None
+    shipped = json.loads(eval_path.read_text())
+    return {"weights": shipped.get("weights") or {"file": files.model, "sha256": sha256_file(out_dir / files.model)},
+            "model": shipped["model"]}
+
+
 def write_release(out_dir: Path, files: ReleaseFiles, trained: Trained, scores: dict[str, Any], workspace: Path,
-                  preset: str | None) -> None:
+                  preset: str | None, previous: dict[str, Any] | None = None) -> None:
     """Write the model file, evaluation, curve and card of ``files`` into a staging copy of ``out_dir``
     (its other files kept), then put it in ``out_dir``'s place in one step (:func:`vdsr.atomic_dir.replacing`).
-    Call under :func:`vdsr.atomic_dir.locked`, after :func:`vdsr.atomic_dir.recover`."""
+    Call under :func:`vdsr.atomic_dir.locked`, after :func:`vdsr.atomic_dir.recover`. ``previous``: the
+    :func:`shipped_record` these weights continue (eval.json ``previous``; the card's targets)."""
     from vdsr import model_card
 
     provenance = model_card.provenance(workspace, trained, preset, out_dir / files.model)
@@ -203,12 +216,12 @@ def write_release(out_dir: Path, files: ReleaseFiles, trained: Trained, scores: 
         write_model_file(model_path, trained.model, trained.config, release_meta(trained, provenance))
         _boundary(files.model)
         weights = {"file": files.model, "sha256": sha256_file(model_path)}  # what the scores are of (vdsr.table3)
-        write_json_atomic(staging / files.eval, {"weights": weights, **scores})
+        write_json_atomic(staging / files.eval, {"weights": weights, **scores, **({"previous": previous} if previous else {})})
         _boundary(files.eval)
         model_card.write_curve(trained.history, staging / files.curve, trained.extra.get("earlier") or [])
         _boundary(files.curve)
         model_card.write_card(staging / files.card, trained, scores, provenance, model_path, sha256_file(model_path),
-                              curve=files.curve, sets=SETS)
+                              curve=files.curve, sets=SETS, previous=previous and previous["model"])
         _boundary(files.card)
 
 
