@@ -64,7 +64,7 @@ def main() -> int:
 
         manifest = load_manifest(MANIFEST)
         mirror = os.environ.get(MIRROR_ENV)
-        source = resolve_source("", mirror, repository_root()) if mirror else None  # a relative one: from the repository
+        source = resolve_source("", mirror, repository_root()) if mirror else None  # relative: from the repository
         if source:
             log.info("download: source %s (%s=%s)", source, MIRROR_ENV, mirror)
         else:
