@@ -11,7 +11,8 @@ writes into ``plots/curves/``:
   SRCNN dotted -- drawn by :func:`vdsr.model_card.write_curve`, the release's own chart;
 - ``<name>_loss.png`` and ``<name>_lr.png``: training loss and learning rate against the epoch.
 
-Run from the repository root: ``python -m vdsr.curves NAME``.
+Run from the repository root: ``python vdsr/curves.py NAME`` (the stage's command: a script path,
+as every stage's is) or ``python -m vdsr.curves NAME``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__" and not __package__:  # run as vdsr/curves.py: import vdsr from this repository,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # not vdsr/ itself (its io.py would shadow io)
 
 from vdsr.config import ParamsError
 from vdsr.io import error_message
@@ -89,7 +93,7 @@ def write_curves(name: str, csv_path: Path, metrics_path: Path, out_dir: Path = 
 def main(argv: list[str] | None = None) -> int:
     args: list[Any] = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m vdsr.curves NAME   (plots/train_NAME.csv -> plots/curves/NAME_*.png)", file=sys.stderr)
+        print("usage: python vdsr/curves.py NAME   (plots/train_NAME.csv -> plots/curves/NAME_*.png)", file=sys.stderr)
         return 2
     name = args[0]
     try:
