@@ -49,7 +49,7 @@ def test_subcommand_help_is_complete(name):
     text = parser.format_help()
     assert "`" not in text, (name, [line for line in text.splitlines() if "`" in line])
     for action in parser._actions:
-        if isinstance(action, argparse._HelpAction) or (not action.option_strings and action.nargs not in "?*"):
+        if isinstance(action, argparse._HelpAction) or (not action.option_strings and action.nargs not in ("?", "*")):
             continue  # -h; the positionals one must give
         label = f"vdsr {name} {'/'.join(action.option_strings) or action.metavar}"
         assert action.help and action.help != argparse.SUPPRESS, f"{label}: no help"
