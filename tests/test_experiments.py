@@ -265,7 +265,8 @@ def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
              "batch_size": 16, "clip": "none", "clip_theta": 1.0, "augment": True, "seed": 0, "device": "cpu"}
     repo, env = tiny_repo(train={"srcnn": srcnn})
     first = run_checked(["dvc", "repro"], repo, env, timeout=EXP_TIMEOUT_S)
-    for stage in ("train@vdsr", "train@srcnn", "evaluate@vdsr", "evaluate@srcnn", "report"):
+    for stage in ("train@vdsr", "train@srcnn", "evaluate@vdsr", "evaluate@srcnn", "curves@vdsr", "curves@srcnn",
+                  "report"):
         assert f"Running stage '{stage}'" in first.stdout, first.stdout[-3000:]
     client, runs = store_runs(repo)
     assert sorted(run.data.tags["pipeline.model"] for run in runs) == ["srcnn", "vdsr"]
@@ -287,7 +288,7 @@ def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
     changed = run_checked(["dvc", "exp", "run", "-n", "srcnn-lr", "-S", "train.srcnn.lr=0.002"], repo,
                           {**env, "VDSR_START_OVER": "1"}, timeout=EXP_TIMEOUT_S)  # SRCNN's checkpoint moved aside
     ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
-    assert ran == {"train@srcnn", "evaluate@srcnn", "report"}, changed.stdout[-3000:]
+    assert ran == {"train@srcnn", "evaluate@srcnn", "curves@srcnn", "report"}, changed.stdout[-3000:]
     # VDSR's stages were skipped: its run of the committed pipeline is left as it was, and the
     # experiment's report goes to a new run of its own beside it.
     vdsr_id = baseline["vdsr"].info.run_id
