@@ -3,9 +3,9 @@
 script from the internet, its images need nothing.
 
 From ``plots/train_<name>.csv`` (per epoch: epoch, train_loss, lr, val_psnr_x<s>..., as the train
-stage writes it) and the ``history`` of ``metrics/train_<name>.json`` (for each epoch's
-``elapsed_s``: training and validation time of all runs so far), the DVC stage ``curves@<name>``
-writes into ``plots/curves/``:
+stage writes it) and the ``history`` in the meta of ``models/<name>.pt`` (for each epoch's
+``elapsed_s``: training and validation time of all runs so far; the CSV has no time column), the
+DVC stage ``curves@<name>`` writes into ``plots/curves/``:
 
 - ``<name>_val_psnr.png``: Set5 validation PSNR of each scale against training hours, the paper's
   SRCNN dotted -- drawn by :func:`vdsr.model_card.write_curve`, the release's own chart;
@@ -18,7 +18,6 @@ as every stage's is) or ``python -m vdsr.curves NAME``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -34,10 +33,12 @@ from vdsr.model_card import write_curve
 CURVES_DIR = Path("plots/curves")  # also the stage's `outs` in dvc.yaml and a `plots:` entry
 
 
-def read_history(csv_path: Path, metrics_path: Path) -> list[dict[str, float]]:
+def read_history(csv_path: Path, model_path: Path) -> list[dict[str, float]]:
     """One row per epoch: the CSV's columns as floats (an empty cell: NaN) and ``elapsed_s`` from the
-    metrics file's history, matched by epoch; :class:`ParamsError` naming the file for a missing
+    model file's meta history, matched by epoch; :class:`ParamsError` naming the file for a missing
     column or an epoch the other file lacks."""
+    from vdsr.models import load_model  # torch is imported only here
+
     with csv_path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"epoch", "train_loss", "lr"} <= set(rows[0]):
@@ -47,12 +48,12 @@ def read_history(csv_path: Path, metrics_path: Path) -> list[dict[str, float]]:
                    for row in rows]
     except ValueError as error:
         raise ParamsError(f"{csv_path}: expected numbers: {error}") from None
-    recorded = json.loads(metrics_path.read_text()).get("history") or []
+    recorded = load_model(model_path)[2].get("history") or []
     elapsed = {int(row["epoch"]): float(row["elapsed_s"]) for row in recorded if "elapsed_s" in row}
     for row in history:
         epoch = int(row["epoch"])
         if epoch not in elapsed:
-            raise ParamsError(f"{metrics_path}: history: expected epoch {epoch} of {csv_path} with its elapsed_s")
+            raise ParamsError(f"{model_path}: meta history: expected epoch {epoch} of {csv_path} with its elapsed_s")
         row["elapsed_s"] = elapsed[epoch]
     return history
 
@@ -79,9 +80,9 @@ def write_epoch_chart(history: list[dict[str, float]], key: str, label: str, pat
     tmp.replace(path)
 
 
-def write_curves(name: str, csv_path: Path, metrics_path: Path, out_dir: Path = CURVES_DIR) -> list[Path]:
+def write_curves(name: str, csv_path: Path, model_path: Path, out_dir: Path = CURVES_DIR) -> list[Path]:
     """The three charts of model ``name`` (module docstring) in ``out_dir``; their paths."""
-    history = read_history(csv_path, metrics_path)
+    history = read_history(csv_path, model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {key: out_dir / f"{name}_{key}.png" for key in ("val_psnr", "loss", "lr")}
     write_curve(history, paths["val_psnr"])
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args[0]
     try:
-        written = write_curves(name, Path(f"plots/train_{name}.csv"), Path(f"metrics/train_{name}.json"))
+        written = write_curves(name, Path(f"plots/train_{name}.csv"), Path(f"models/{name}.pt"))
     except (ParamsError, OSError, ValueError, KeyError) as error:
         print(f"curves: error: {error_message(error)}", file=sys.stderr)
         return 1
