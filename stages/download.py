@@ -2,7 +2,9 @@
 
 Run from the repository root: ``python stages/download.py``. Reads the ``download`` section of
 ``params.yaml`` and ``data/manifest.json``. ``VDSR_DATA_MIRROR`` (a local folder or a base URL
-holding every source's files at their public relative paths) replaces the sets' sources. See
+holding every source's files at their public relative paths) replaces the sets' sources; a
+relative folder is taken from the repository root (``DVC_ROOT``), also in ``dvc exp run --temp``
+and ``--queue``, whose stages run in a copy elsewhere. See
 :mod:`vdsr.download` for what is kept, re-fetched and removed under ``data/raw``.
 """
 
@@ -17,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vdsr.config import ParamsError, load_section, require
-from vdsr.download import MIRROR_ENV, DownloadError, ManifestError, download_sets, load_manifest, resolve_source
+from vdsr.download import (
+    MIRROR_ENV,
+    DownloadError,
+    ManifestError,
+    download_sets,
+    load_manifest,
+    repository_root,
+    resolve_source,
+)
 from vdsr.io import error_message
 
 MANIFEST = Path("data/manifest.json")
@@ -54,7 +64,7 @@ def main() -> int:
 
         manifest = load_manifest(MANIFEST)
         mirror = os.environ.get(MIRROR_ENV)
-        source = resolve_source("", mirror) if mirror else None
+        source = resolve_source("", mirror, repository_root()) if mirror else None  # relative: from the repository
         if source:
             log.info("download: source %s (%s=%s)", source, MIRROR_ENV, mirror)
         else:

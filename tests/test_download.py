@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_checked, run_child
 
 from vdsr.download import (
     DownloadError,
@@ -22,10 +23,9 @@ from vdsr.download import (
     download_sets,
     file_url,
     load_manifest,
+    repository_root,
     resolve_source,
 )
-
-from conftest import run_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = REPO_ROOT / "data" / "manifest.json"
@@ -292,11 +292,11 @@ def test_symlink_escape_is_refused(tmp_path, manifest):
 # --- the stage script ---------------------------------------------------------------------------
 
 
-def run_stage(workdir: Path, params: str, mirror: str) -> subprocess.CompletedProcess:
+def run_stage(workdir: Path, params: str, mirror: str, **extra_env: str) -> subprocess.CompletedProcess:
     (workdir / "data").mkdir(exist_ok=True)
     shutil.copyfile(MANIFEST, workdir / "data" / "manifest.json")
     (workdir / "params.yaml").write_text(params)
-    env = {**os.environ, "VDSR_DATA_MIRROR": mirror}
+    env = {**{k: v for k, v in os.environ.items() if k != "DVC_ROOT"}, "VDSR_DATA_MIRROR": mirror, **extra_env}
     return run_child([sys.executable, str(REPO_ROOT / "stages" / "download.py")], cwd=workdir, env=env, timeout=60)
 
 
@@ -336,3 +336,69 @@ def test_stage_reports_download_failure(tmp_path, closed_port_url):
     assert result.returncode != 0
     assert "download: error: 5 of 5 file(s) failed" in result.stderr and closed_port_url in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- a relative mirror folder ---------------------------------------------------------------------
+
+SET5_PARAMS = "download:\n  sets: [Set5]\n  workers: 2\n  retries: 0\n  timeout_s: 5\n"
+
+
+def test_relative_mirror_is_taken_from_the_repository_root(tmp_path, manifest, shared_datasets, monkeypatch):
+    repo, elsewhere = tmp_path / "repo", tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "standalone" / "tmp1"
+    elsewhere.mkdir(parents=True)
+    copy_mirror(manifest, shared_datasets, repo / "mirror", ["Set5"])
+    monkeypatch.chdir(elsewhere)  # where the stage of a --temp experiment runs: a copy without the mirror
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert repository_root() == repo.resolve()  # the copy under .dvc/tmp/exps is cut back
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert repository_root(tmp_path) == repo.resolve()  # DVC's word wins over the folder
+    assert resolve_source("", "mirror") == (repo / "mirror").resolve().as_uri() + "/"
+    assert resolve_source("", "./mirror/../mirror", root=repo) == (repo / "mirror").resolve().as_uri() + "/"
+    assert resolve_source("", str(shared_datasets), root=elsewhere) == shared_datasets.resolve().as_uri() + "/"
+    with pytest.raises(DownloadError) as refused:
+        resolve_source("", "../missing", root=repo)
+    message = str(refused.value)
+    assert message.startswith("VDSR_DATA_MIRROR=../missing: neither an http(s) URL nor an existing folder "
+                              f"(a relative folder is taken from the repository root, {repo})"), message
+    assert f"{(tmp_path / 'missing')} does not exist; set VDSR_DATA_MIRROR to the absolute path" in message
+
+
+def test_stage_refuses_a_missing_relative_mirror_with_the_fix(tmp_path):
+    result = run_stage(tmp_path, SET5_PARAMS, "datasets")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"download: error: VDSR_DATA_MIRROR=datasets: neither an http(s) URL nor an existing folder (a relative "
+            f"folder is taken from the repository root, {tmp_path.resolve()})") in result.stderr, result.stderr
+    assert "set VDSR_DATA_MIRROR to the absolute path" in result.stderr
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_relative_mirror_works_in_a_temp_experiment(tmp_path, manifest, shared_datasets):
+    """`VDSR_DATA_MIRROR=mirror dvc exp run --temp`: the stage runs in a copy under .dvc/tmp/exps/
+    that has no mirror/ (git-ignored), and still reads the repository's."""
+    repo = tmp_path / "repo"
+    (repo / "stages").mkdir(parents=True)
+    shutil.copyfile(REPO_ROOT / "stages" / "download.py", repo / "stages" / "download.py")
+    (repo / "data").mkdir()
+    shutil.copyfile(MANIFEST, repo / "data" / "manifest.json")
+    (repo / "params.yaml").write_text(SET5_PARAMS)
+    (repo / "dvc.yaml").write_text("stages:\n  download:\n    cmd: python stages/download.py\n"
+                                   "    deps: [stages/download.py, data/manifest.json]\n    params: [download]\n"
+                                   "    outs: [data/raw]\n")
+    (repo / ".gitignore").write_text("/mirror/\n")
+    copy_mirror(manifest, shared_datasets, repo / "mirror", ["Set5"])
+    env = {**{k: v for k, v in os.environ.items() if k != "DVC_ROOT"}, "VDSR_DATA_MIRROR": "mirror",
+           "PYTHONPATH": str(REPO_ROOT), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1"}
+    for command in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "download only"]):
+        run_checked(command, repo, env, timeout=120)
+    done = run_child(["dvc", "exp", "run", "--temp", "-n", "relative"], cwd=repo, env=env, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert f"download: source {(repo / 'mirror').resolve().as_uri()}/ (VDSR_DATA_MIRROR=mirror)" in output, output
+    assert "fetched 5, skipped 0" in output, output
+    assert not (repo / "data" / "raw").exists()  # --temp: the workspace is left as it was
+    run_checked(["dvc", "exp", "apply", "relative"], repo, env, timeout=120)
+    assert_exact(repo / "data" / "raw", manifest, ["Set5"])

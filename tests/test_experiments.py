@@ -1,6 +1,6 @@
 """DVC experiments on the tiny pipeline and the MLflow runs they leave in the repository's store
 (``sqlite:///<repo>/mlflow.db``): named experiments one after another, how they look in
-``dvc exp show`` and ``dvc plots show`` and how to get back to the committed state (README), then two
+``dvc exp show`` and ``dvc plots show`` and how to get back to the committed state (docs/experiments.md), then two
 queued ones run side by side by ``dvc queue start -j 2``."""
 
 from __future__ import annotations
@@ -60,23 +60,33 @@ def artifact_text(client: MlflowClient, run_id: str, path: str, folder: Path) ->
     return Path(client.download_artifacts(run_id, path, str(folder))).read_text()
 
 
-def readme_command(prefix: str) -> list[str]:
-    """The command of README.md that starts with ``prefix``, split as a shell would (no shell)."""
+EXPERIMENTS_PAGE = REPO_ROOT / "docs" / "experiments.md"
+
+
+def docs_command(prefix: str) -> list[str]:
+    """The command of docs/experiments.md that starts with ``prefix``, split as a shell would (no shell)."""
     import shlex
 
-    for line in (REPO_ROOT / "README.md").read_text().splitlines():
+    for line in EXPERIMENTS_PAGE.read_text().splitlines():
         if line.startswith(prefix):
             return shlex.split(line.split(" #", 1)[0])
-    raise AssertionError(f"README.md has no line starting with {prefix!r}")
+    raise AssertionError(f"docs/experiments.md has no line starting with {prefix!r}")
 
 
 def assert_views(repo: Path, env: dict[str, str], experiments: dict[str, str]) -> None:
     """`dvc plots show` renders each defined plot once, its HTML folder is git-ignored, and the
-    README's `dvc exp show` fits every experiment's PSNR and changed params in 120 columns."""
+    page's `dvc exp show` fits every experiment's PSNR and changed params in 120 columns; the training
+    curves are also images (plots/curves, stage curves@<name>), which show without a network."""
     shown = json.loads(run_checked(["dvc", "plots", "show", "--json"], repo, env).stdout)
     plots = shown["data"]
     images = sorted(f"plots/comparison/{p.name}" for p in (repo / "plots/comparison").glob("*.png"))
-    assert images and sorted(plots) == sorted(["loss", "learning_rate", "validation_psnr", *images]), sorted(plots)
+    curves = [f"plots/curves/vdsr_{chart}.png" for chart in ("loss", "lr", "val_psnr")]  # VDSR only here
+    assert sorted(p.relative_to(repo).as_posix() for p in (repo / "plots/curves").iterdir()) == curves
+    assert images and sorted(plots) == sorted(["loss", "learning_rate", "validation_psnr", *images, *curves]), \
+        sorted(plots)
+    for curve in curves:  # a PNG image, listed as such (not a Vega chart)
+        assert (repo / curve).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert [render["type"] for render in plots[curve]] == ["image"], plots[curve]
     # The tiny pipeline validates x2 only: validation_psnr (x2, x3, x4) cannot find the other two;
     # and it trains VDSR only, so each curve's plots/train_srcnn.csv is missing.
     expected = {("validation_psnr", "FieldNotFoundError")}
@@ -88,7 +98,7 @@ def assert_views(repo: Path, env: dict[str, str], experiments: dict[str, str]) -
     assert (repo / "dvc_plots/index.html").is_file()
     assert "dvc_plots" not in run_checked(["git", "status", "--porcelain", "--untracked-files=all"], repo, env).stdout
 
-    command = readme_command("dvc exp show --only-changed")
+    command = docs_command("dvc exp show --only-changed")
     table = run_checked(command, repo, {**env, "COLUMNS": "120"}).stdout
     lines = table.splitlines()
     assert max(len(line) for line in lines) <= 120 and "…" not in table, table
@@ -109,7 +119,7 @@ def test_named_experiments_are_named_mlflow_runs(tiny_repo):
     run_checked(["git", "commit", "-qm", "baseline"], repo, env)
     committed = {path: (repo / path).read_bytes() for path in ("params.yaml", "dvc.lock", "metrics/eval.json")}
     for name, lr in (("lr-small", "0.0005"), ("lr-large", "0.002")):
-        # another lr than the persisted checkpoint's: moved aside on request, never trained over (README)
+        # another lr than the persisted checkpoint's: moved aside on request, never trained over (docs)
         done = run_checked(["dvc", "exp", "run", "-n", name, "-S", f"train.vdsr.lr={lr}"], repo,
                            {**env, "VDSR_START_OVER": "1"}, timeout=EXP_TIMEOUT_S)
         output = done.stdout + done.stderr
@@ -126,9 +136,9 @@ def test_named_experiments_are_named_mlflow_runs(tiny_repo):
     assert shown["lr-small"]["lr"] == 0.0005 and shown["lr-large"]["lr"] == 0.002, shown
     assert_views(repo, env, {"lr-small": "0.0005", "lr-large": "0.002"})
 
-    # `dvc exp run` left the last experiment in the workspace; the README's way back to the commit:
+    # `dvc exp run` left the last experiment in the workspace; the page's way back to the commit:
     assert (repo / "params.yaml").read_bytes() != committed["params.yaml"]
-    run_checked(readme_command("dvc exp apply HEAD"), repo, env)
+    run_checked(docs_command("dvc exp apply HEAD"), repo, env)
     assert {path: (repo / path).read_bytes() for path in committed} == committed
     assert "up to date" in run_checked(["dvc", "status"], repo, env).stdout
     run_checked(["dvc", "exp", "apply", "lr-small"], repo, env)  # and to an experiment
@@ -255,7 +265,8 @@ def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
              "batch_size": 16, "clip": "none", "clip_theta": 1.0, "augment": True, "seed": 0, "device": "cpu"}
     repo, env = tiny_repo(train={"srcnn": srcnn})
     first = run_checked(["dvc", "repro"], repo, env, timeout=EXP_TIMEOUT_S)
-    for stage in ("train@vdsr", "train@srcnn", "evaluate@vdsr", "evaluate@srcnn", "report"):
+    for stage in ("train@vdsr", "train@srcnn", "evaluate@vdsr", "evaluate@srcnn", "curves@vdsr", "curves@srcnn",
+                  "report"):
         assert f"Running stage '{stage}'" in first.stdout, first.stdout[-3000:]
     client, runs = store_runs(repo)
     assert sorted(run.data.tags["pipeline.model"] for run in runs) == ["srcnn", "vdsr"]
@@ -277,7 +288,7 @@ def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
     changed = run_checked(["dvc", "exp", "run", "-n", "srcnn-lr", "-S", "train.srcnn.lr=0.002"], repo,
                           {**env, "VDSR_START_OVER": "1"}, timeout=EXP_TIMEOUT_S)  # SRCNN's checkpoint moved aside
     ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
-    assert ran == {"train@srcnn", "evaluate@srcnn", "report"}, changed.stdout[-3000:]
+    assert ran == {"train@srcnn", "evaluate@srcnn", "curves@srcnn", "report"}, changed.stdout[-3000:]
     # VDSR's stages were skipped: its run of the committed pipeline is left as it was, and the
     # experiment's report goes to a new run of its own beside it.
     vdsr_id = baseline["vdsr"].info.run_id

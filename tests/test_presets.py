@@ -4,17 +4,19 @@ the train stage would refuse, bad YAML, a name outside presets/) is refused nami
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import re
-
 import pytest
 import yaml
-
 from conftest import load_script
-from vdsr import presets as presets_module, recipe
+
+from vdsr import presets as presets_module
+from vdsr import recipe
 from vdsr.config import ParamsError, from_dict
 from vdsr.presets import PRESETS_DIR, load_preset, set_options
 
@@ -40,10 +42,11 @@ def test_shipped_presets_are_valid(name):
         section[field] = value
         sections.add(".".join(path))
     for dotted in sections:  # each changed model section passes the stage's checks
-        _, model = dotted.split(".")
-        from_dict(train_params_class(), params["train"][model], dotted)
-    done = subprocess.run([sys.executable, "-m", "vdsr.presets", name], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60)
+        if dotted.startswith("train."):
+            _, model = dotted.split(".")
+            from_dict(train_params_class(), params["train"][model], dotted)
+    done = subprocess.run([sys.executable, "-m", "vdsr.presets", name], check=False, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     words = done.stdout.split()  # what $(python -m vdsr.presets NAME) hands to dvc exp run
     assert words == set_options(overrides) and words[0] == "-S"
@@ -107,8 +110,8 @@ def test_preset_names_stay_inside_presets(tmp_path, capsys):
             load_preset(name, presets, tmp_path / "params.yaml")
     assert load_preset("good", presets, tmp_path / "params.yaml") == {"train.vdsr.lr": 0.05}
     # the command line: exit 2, one line, no traceback
-    done = subprocess.run([sys.executable, "-m", "vdsr.presets", "../params"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "vdsr.presets", "../params"], check=False, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == "", done
     assert done.stderr.startswith("vdsr.presets: error: '../params': no such preset") and "Traceback" not in done.stderr
 
@@ -133,3 +136,52 @@ def test_yaml_errors_name_file_line_and_column(tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"vdsr.presets: error: {presets / 'broken.yaml'}: not valid YAML")
     assert "line 2, column 20" in err and "Traceback" not in err
+
+
+def recipe_patches(overrides: dict, model: str) -> int:
+    """Training patches of ``train.<model>`` under a preset: epochs x steps per epoch x batch."""
+    return (overrides[f"train.{model}.epochs"] * overrides[f"train.{model}.steps_per_epoch"]
+            * overrides[f"train.{model}.batch_size"])
+
+
+def test_smoke_preset_is_small_and_what_make_smoke_runs():
+    smoke = load_preset("smoke", params_file=REPO_ROOT / "params.yaml")
+    assert smoke["prepare.train_sets"] == ["T91"] and smoke["evaluate.sets"] == ["Set5", "Set14"]
+    for model in ("vdsr", "srcnn"):  # minutes on a CPU, not the paper's 80 full epochs
+        assert recipe_patches(smoke, model) <= 10_000, (model, recipe_patches(smoke, model))
+    planned = subprocess.run(["make", "-n", "smoke", "SMOKE_NAME=smoke-x"], check=False, cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    assert "-m vdsr.presets smoke) &&" in planned.stdout
+    assert "dvc exp run --temp -n smoke-x $smoke_params" in planned.stdout
+    assert " -S " not in planned.stdout  # no flags of its own beside the preset's
+
+
+def test_make_smoke_stops_on_a_bad_preset(tmp_path):
+    """A smoke preset that does not load stops `make smoke` before `dvc exp run`: an empty
+    $(python -m vdsr.presets smoke) would otherwise run the paper's schedule."""
+    for name in ("Makefile", "params.yaml"):
+        shutil.copyfile(REPO_ROOT / name, tmp_path / name)
+    shutil.copytree(REPO_ROOT / "vdsr", tmp_path / "vdsr", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "smoke.yaml").write_text("train.vdsr.lrr: 0.001\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(["make", "smoke", f"PYTHON={sys.executable}", "SMOKE_NAME=smoke-x"], check=False,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0, done
+    assert "smoke.yaml: train.vdsr.lrr: expected a key of params.yaml" in done.stderr, done.stderr
+    assert "dvc exp run" not in done.stderr and "Smoke run done" not in done.stdout, done
+
+
+def test_cpu_hour_preset_is_the_cpu_release_recipe_sized_for_an_hour():
+    hour = load_preset("cpu-hour", params_file=REPO_ROOT / "params.yaml")
+    release = load_preset("release-cpu", params_file=REPO_ROOT / "params.yaml")
+    assert {key: hour[key] for key in release if key != "train.vdsr.epochs"} == \
+        {key: value for key, value in release.items() if key != "train.vdsr.epochs"}
+    assert hour["train.vdsr.precision"] == "auto"
+    patches = recipe_patches(hour, "vdsr")  # the measured 40-80 patches/s of the 20x64 VDSR, bf16
+    assert 40 * 50 * 60 <= patches <= 40 * 65 * 60, patches  # 50-65 minutes at the slow end
+    assert patches / 80 >= 25 * 60, patches  # and not a few minutes at the fast end
+    assert "Urban100" not in hour["evaluate.sets"]  # its evaluation alone would take most of an hour
+    text = (PRESETS_DIR / "cpu-hour.yaml").read_text()
+    assert f"{patches:,} patches" in text and "40-80" in text  # the comment says how it was sized

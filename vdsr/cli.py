@@ -1,6 +1,6 @@
 """The vdsr command: evaluate a model on a folder of images, upscale your own pictures, export a
 model file to Keras 3 or ONNX, register it in MLflow for serving. Library code: no DVC needed (the
-pipeline is `dvc repro`)."""
+pipeline is dvc repro). Each command's --help lists its options and their defaults."""
 
 from __future__ import annotations
 
@@ -85,9 +85,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_register(subparsers: argparse._SubParsersAction) -> None:
+    summary = ("log a model file as an MLflow pyfunc model, register it and alias it "
+               "(then: mlflow models serve -m models:/NAME@champion; docs/serving.md)")
     parser = subparsers.add_parser(
-        "register", help="log a model file as an MLflow pyfunc model, register it and alias it "
-        "(then: mlflow models serve -m models:/NAME@champion; docs/serving.md)"
+        "register", help=summary,
+        description=f"{summary}. The run and the registered model go to the store of MLFLOW_TRACKING_URI "
+                    "(default: sqlite:///mlflow.db, artifacts in mlartifacts/, both in the current folder).",
     )
     parser.add_argument("model", nargs="?", type=Path, metavar="MODEL",
                         help="model file (default: the released weights, pretrained/vdsr.pt)")

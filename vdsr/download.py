@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import re
 import shutil
 import time
@@ -180,20 +181,42 @@ def load_manifest(path: str | Path) -> Manifest:
 # --- sources ------------------------------------------------------------------------------------
 
 
-def resolve_source(base_url: str, mirror: str | None) -> str:
+def repository_root(cwd: Path | None = None) -> Path:
+    """The user's repository, which a relative mirror folder is taken from: ``DVC_ROOT`` when DVC
+    runs the stage (the user's repository even in ``dvc exp run --temp`` and ``--queue``, whose
+    stages run in a copy under ``<root>/.dvc/tmp/exps/``), else ``cwd`` (default: the current
+    folder; the stages run from the repository root). A path inside ``<root>/.dvc/tmp/exps`` is cut
+    back to ``<root>``, as :func:`vdsr.tracking.store_root` does for the MLflow store."""
+    root = Path(os.environ.get("DVC_ROOT") or cwd or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def resolve_source(base_url: str, mirror: str | None, root: Path | None = None) -> str:
     """The base URL to fetch from: ``mirror`` (a base URL or a local folder) if set, else ``base_url``.
 
     A mirror holds the files of every source of the manifest at their public relative paths.
 
     A local folder becomes a ``file://`` URL, so that ``<folder>/<path>`` is read like a download.
+    A relative folder (``../shared/datasets``) is taken from ``root`` (default:
+    :func:`repository_root`), not from the current folder: inside ``dvc exp run --temp`` or
+    ``--queue`` that is a copy of the repository elsewhere. A missing folder is refused with the fix.
     """
     if not mirror:
         return _with_slash(base_url)
     if urllib.parse.urlsplit(mirror).scheme in ("http", "https", "file"):
         return _with_slash(mirror)
-    folder = Path(mirror).expanduser().resolve()
+    given = Path(mirror).expanduser()
+    base = root if root is not None else repository_root()
+    folder = (given if given.is_absolute() else base / given).resolve()
     if not folder.is_dir():
-        raise DownloadError(f"{MIRROR_ENV}={mirror}: neither an http(s) URL nor an existing folder")
+        where = "" if given.is_absolute() else f" (a relative folder is taken from the repository root, {base})"
+        raise DownloadError(f"{MIRROR_ENV}={mirror}: neither an http(s) URL nor an existing folder{where}: {folder} "
+                            f"does not exist; set {MIRROR_ENV} to the absolute path of the folder that holds "
+                            "the sources' files, or to a base URL")
     return _with_slash(folder.as_uri())
 
 

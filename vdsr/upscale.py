@@ -612,7 +612,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace outputs that already exist (default: keep them, skip their inputs and exit 2 at the "
         "end); an input is never written over",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if present) | cpu | cuda[:N]")
     parser.add_argument(
         "--tile", type=int, default=DEFAULT_TILE,
         help=f"tile side in pixels of the output: bounds memory, with the picture's width (0: whole image; "

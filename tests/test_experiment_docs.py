@@ -1,0 +1,185 @@
+"""docs/experiments.md against the real tools: what DVC does with an uncommitted ``params.yaml`` in
+``--temp`` and ``--queue`` runs and how a failed workspace run is undone, checked on a one-stage
+pipeline (a python one-liner, seconds per run); and every command of the page's shell blocks has an
+argument shape its program accepts (DVC's own parser, the vdsr parser, the presets, the Makefile),
+with no placeholder names."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, run_checked, run_child
+
+from vdsr.presets import load_preset, preset_names, set_options
+
+PAGE = REPO_ROOT / "docs" / "experiments.md"
+RUN_TIMEOUT_S = 600  # a one-stage experiment takes seconds on a quiet machine; the bound only stops a hung one
+
+# The stage refuses a key it does not know, as the train stage does (a typo run fails).
+STAGE = ("import json, yaml; p = yaml.safe_load(open('params.yaml')); unknown = sorted(set(p) - {'a', 'b'}); "
+         "assert not unknown, f'unknown key {unknown}'; json.dump(p, open('out.json', 'w'))")
+
+
+def tiny_repo(tmp_path: Path, *, cached: bool) -> tuple[Path, dict[str, str]]:
+    """A git + DVC repository whose one stage copies params.yaml (a, b) into out.json, committed."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("# the committed values\na: 1\nb: 1\n")
+    out = "out.json" if cached else {"out.json": {"cache": False}}
+    stage = {"cmd": f"python -c {shlex.quote(STAGE)}", "params": [{"params.yaml": None}], "outs": [out]}  # all keys
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"copy": stage}}, sort_keys=False))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1"}
+    for command in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "one stage"]):
+        run_checked(command, repo, env, timeout=120)
+    return repo, env
+
+
+def experiment_file(repo: Path, env: dict[str, str], name: str, path: str) -> str:
+    """``path`` as experiment ``name`` left it (an experiment is a git ref)."""
+    refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout.split()
+    ref = next(ref for ref in refs if ref.endswith(f"/{name}"))
+    return run_checked(["git", "show", f"{ref}:{path}"], repo, env).stdout
+
+
+def page_text() -> str:
+    return " ".join(PAGE.read_text().split())  # sentences as one line, whatever the wrapping
+
+
+def test_temp_and_queued_runs_carry_the_uncommitted_params(tmp_path):
+    repo, env = tiny_repo(tmp_path, cached=False)
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("a: 1", "a: 2"))  # not committed
+    run_checked(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "b=5"], repo, env, timeout=RUN_TIMEOUT_S)
+    params.write_text(params.read_text().replace("a: 2", "a: 3"))  # after queueing, before the queue runs
+    run_checked(["dvc", "exp", "run", "--temp", "-n", "temp", "-S", "b=7"], repo, env, timeout=RUN_TIMEOUT_S)
+    log = repo / ".dvc" / "tmp" / "queue-start.log"
+    with log.open("ab") as out:  # its workers keep the command's output open: to a file, not a pipe
+        started = subprocess.run(["dvc", "queue", "start"], cwd=repo, env=env, timeout=120, check=False,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    assert started.returncode == 0, log.read_text()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while "/queued" not in run_checked(["git", "for-each-ref", "refs/exps"], repo, env).stdout:
+        assert time.monotonic() < deadline, run_checked(["dvc", "queue", "status"], repo, env).stdout
+        time.sleep(2)
+    status = run_checked(["dvc", "queue", "status"], repo, env).stdout
+    assert re.search(r"queued\s.*Success", status), status
+
+    # What the page says: the workspace's uncommitted params.yaml as it was when queued, plus -S.
+    assert json.loads(experiment_file(repo, env, "queued", "out.json")) == {"a": 2, "b": 5}
+    assert json.loads(experiment_file(repo, env, "temp", "out.json")) == {"a": 3, "b": 7}
+    assert yaml.safe_load(params.read_text()) == {"a": 3, "b": 1}  # the workspace keeps its edit
+    assert not (repo / "out.json").exists() and not (repo / "dvc.lock").exists()
+    text = page_text()
+    assert ("`--temp` and `--queue` both start from the last commit *plus the workspace's uncommitted "
+            "`params.yaml`*, then apply their `-S` values.") in text
+    assert ("A queued experiment takes `params.yaml` as it was when `dvc exp run --queue` ran: edits made "
+            "after queueing, before `dvc queue start`, do not reach it.") in text
+
+
+def test_a_failed_workspace_run_is_undone_as_the_page_says(tmp_path):
+    repo, env = tiny_repo(tmp_path, cached=True)
+    run_checked(["dvc", "repro"], repo, env, timeout=RUN_TIMEOUT_S)
+    run_checked(["git", "add", "-A"], repo, env)
+    run_checked(["git", "commit", "-qm", "results"], repo, env)
+    committed = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock", "out.json")}
+
+    failed = run_child(["dvc", "exp", "run", "-S", "+c=1"], cwd=repo, env=env, timeout=RUN_TIMEOUT_S)
+    assert failed.returncode != 0 and "unknown key ['c']" in failed.stdout + failed.stderr, failed
+    assert "c: 1" in (repo / "params.yaml").read_text()  # the typo stays in the workspace
+
+    undo = next(line for line in bash_lines() if line.startswith("git checkout params.yaml"))
+    assert undo == "git checkout params.yaml && dvc checkout"
+    run_checked(["bash", "-c", undo], repo, env, timeout=RUN_TIMEOUT_S)
+    assert {name: (repo / name).read_bytes() for name in committed} == committed
+    assert "up to date" in run_checked(["dvc", "status"], repo, env).stdout
+
+
+# --- the page's commands ----------------------------------------------------------------------------
+
+
+def bash_lines() -> list[str]:
+    """The commands of the page's ```bash blocks: continuation lines joined, comments cut."""
+    lines, block, pending = [], False, ""
+    for raw in PAGE.read_text().splitlines():
+        if raw.startswith("```"):
+            block = raw == "```bash" and not block
+            continue
+        if not block:
+            continue
+        line = pending + raw.split("  #", 1)[0].strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def expand_presets(line: str) -> str:
+    """``$(python -m vdsr.presets NAME)`` replaced by what it prints."""
+    return re.sub(r"\$\(python -m vdsr\.presets ([\w-]+)\)",
+                  lambda m: shlex.join(set_options(load_preset(m.group(1), params_file=REPO_ROOT / "params.yaml"))),
+                  line)
+
+
+def make_targets() -> set[str]:
+    return set(re.findall(r"^([\w-]+):", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE))
+
+
+REVISION_COMMANDS = {("exp", "apply"): 1, ("exp", "diff"): 2, ("metrics", "diff"): 2, ("plots", "diff"): 2,
+                     ("queue", "logs"): 1}  # the dvc commands that name experiments, and how many
+
+
+def test_the_page_recommends_temp_or_queue_with_the_smoke_preset():
+    lines = bash_lines()
+    assert "dvc exp run --temp $(python -m vdsr.presets smoke) -S train.vdsr.lr=0.0005" in lines
+    runs = [line for line in lines if line.startswith("dvc exp run")]
+    assert runs and all(("--temp" in line or "--queue" in line) and "vdsr.presets" in line for line in runs), runs
+    assert "git checkout params.yaml && dvc checkout" in lines
+
+
+@pytest.mark.parametrize("line", bash_lines())
+def test_page_command_has_a_shape_its_program_accepts(line):
+    from dvc.cli import DvcParserError, parse_args
+
+    from vdsr.cli import build_parser
+
+    for part in expand_presets(line).split(" && "):
+        words = shlex.split(part)
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            words = words[1:]  # VAR=value before the command
+        program, args = words[0], words[1:]
+        if program == "dvc":
+            try:
+                parsed = parse_args(args)
+            except DvcParserError:
+                raise AssertionError(f"dvc does not accept: {part}") from None
+            assert parsed.func, part
+            assert not any("<" in word for word in args), f"placeholder in {part}"
+            named = REVISION_COMMANDS.get(tuple(args[:2]))
+            if named:
+                names = [word for word in args[2:] if not word.startswith("-")][:named]
+                given = set(re.findall(r"dvc exp run .*?-n ([\w.-]+)", PAGE.read_text())) | {"HEAD"}
+                assert set(names) <= given, f"{part}: names an experiment the page does not make: {names}"
+        elif program == "make":
+            assert set(args) <= make_targets(), part
+        elif program == "vdsr":
+            build_parser().parse_args(args)
+        elif program == "python" and args[:2] == ["-m", "vdsr.presets"]:
+            assert args[2:] and args[2] in preset_names(), part
+        elif program == "git":
+            assert args[0] == "checkout" and all((REPO_ROOT / path).is_file() for path in args[1:]), part
