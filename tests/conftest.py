@@ -106,7 +106,7 @@ def closed_port_url() -> str:
 
 
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", "Makefile", "stages", "vdsr", "data/manifest.json", "data/.gitignore",
-                  "models/.gitignore", ".dvcignore", ".gitignore")
+                  "models/.gitignore", ".dvcignore", ".gitignore", "presets")
 
 
 STACK_DUMP_GRACE_S = 10.0  # after SIGABRT, for every Python process of a timed-out child to print its stacks

@@ -10,7 +10,7 @@ import sqlite3
 
 from conftest import run_checked
 
-STAGES = ("download", "prepare", "baseline", "train@vdsr", "train@srcnn", "evaluate@vdsr", "evaluate@srcnn", "report")
+STAGES = ("download", "prepare", "baseline", "train@vdsr", "train@srcnn", "evaluate@vdsr", "evaluate@srcnn", "curves@vdsr", "curves@srcnn", "report")
 
 
 def test_make_smoke_runs_the_pipeline_as_an_experiment_and_leaves_the_workspace(pipeline_repo) -> None:
