@@ -44,7 +44,7 @@ def assert_outputs_complete(repo: Path, epochs: int) -> None:
 
 
 def chromium() -> str:
-    """The Chromium binary; a missing one fails the test (CI installs it: README "Tests")."""
+    """The Chromium binary; a missing one fails the test (CI installs it: docs/install.md, "For the tests")."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
         if path:
