@@ -34,7 +34,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import abort_with_stacks, with_faulthandler
 
 TINY: dict[str, dict] = {

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, run_checked
 from mlflow_server import MlflowServer, Streamed, rest
 
@@ -93,7 +92,7 @@ def test_basic_auth_server_refuses_requests_without_credentials_and_takes_them_f
 def test_documented_recipe_binds_loopback_and_keeps_credentials_out_of_uris() -> None:
     page = (REPO_ROOT / "docs" / "mlflow.md").read_text()
     section = page[page.index("## A shared tracking server"):page.index("## When the server is down")]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     server = next(block for block in blocks if "mlflow server" in block)
     assert "--app-name basic-auth" in server and "--host 127.0.0.1" in server and "0.0.0.0" not in server, server
     assert "MLFLOW_TRACKING_USERNAME" in section and "MLFLOW_TRACKING_PASSWORD" in section

@@ -26,18 +26,17 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import REPO_ROOT
 from PIL import Image
 
 from vdsr.cli import main
 from vdsr.color import rgb2y
 from vdsr.evaluate import evaluate_images
 from vdsr.images import list_images, read_image
+from vdsr.inference import model_upscaler
 from vdsr.models import ModelConfig, build_model, load_model, save_model
 from vdsr.prepare import write_training_set
 from vdsr.resize import imresize
-from vdsr.inference import model_upscaler
-
-from conftest import REPO_ROOT
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CONFIGS = {"vdsr": ModelConfig("vdsr", 5, 16), "srcnn": ModelConfig("srcnn", 3, 8)}
@@ -181,7 +180,7 @@ def test_export_records_source_sha256_config_and_commit(fmt: str, model_files: d
 def doc_snippets() -> list[str]:
     """The python blocks docs/export.md marks as run by this file, in order."""
     text = (REPO_ROOT / "docs" / "export.md").read_text()
-    return re.findall(r"<!-- tested: tests/test_export.py runs this block -->\n```python\n(.*?)```", text, re.S)
+    return re.findall(r"<!-- tested: tests/test_export.py runs this block -->\n```python\n(.*?)```", text, re.DOTALL)
 
 
 def run_snippet(code: str, cwd: Path) -> str:

@@ -6,7 +6,6 @@ import json
 
 import h5py
 import pytest
-
 from conftest import run_checked
 
 SMALL = {

@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-
 from conftest import REPO_ROOT
+
 from vdsr import paper, table3
 
 
