@@ -393,3 +393,17 @@ def test_readme_is_an_introduction() -> None:
     assert sum(page.read_text().count(install) for page in PAGES if page.is_file()) == 1  # the install line once
     for page in DOCS:
         assert f"(docs/{page.name})" in readme, f"README does not link docs/{page.name}"
+
+
+def test_named_functions_exist() -> None:
+    """Every ``vdsr.<module>.<name>`` a page names is defined in that module."""
+    missing = []
+    for page in PAGES:
+        if not page.is_file():
+            continue
+        for module, name in set(re.findall(r"`vdsr\.([a-z_]+)\.([A-Za-z_]+)", page.read_text())):
+            source = REPO_ROOT / "vdsr" / f"{module}.py"
+            pattern = rf"^(?:def|class) {name}\b|^{name}\b.*="
+            if not source.is_file() or not re.search(pattern, source.read_text(), re.MULTILINE):
+                missing.append(f"{page.relative_to(REPO_ROOT)}: vdsr.{module}.{name}")
+    assert not missing, missing
