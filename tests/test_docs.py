@@ -283,8 +283,9 @@ def test_the_run_commands_are_the_documented_ones() -> None:
             assert " ".join(shlex.split(part)) in texts, part
 
 
-def test_preset_command_prints_options_dvc_accepts(tmp_path: Path) -> None:
-    done = run_checked([sys.executable, *shlex.split(PRESET)[1:]], cwd=tmp_path, timeout=COMMAND_TIMEOUT_S)
+def test_preset_command_prints_options_dvc_accepts() -> None:
+    # from the repository root, as documented: it reads params.yaml and presets/, and writes nothing
+    done = run_checked([sys.executable, *shlex.split(PRESET)[1:]], cwd=REPO_ROOT, timeout=COMMAND_TIMEOUT_S)
     options = shlex.split(done.stdout)
     assert options[::2] == ["-S"] * (len(options) // 2) and len(options) % 2 == 0, done.stdout
     recipe = yaml.safe_load((REPO_ROOT / "presets" / "release-cpu.yaml").read_text())
