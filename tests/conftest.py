@@ -38,6 +38,27 @@ def set5_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) ->
     return folder
 
 
+@pytest.fixture(scope="module")
+def set5_x2_arrays(tmp_path_factory: pytest.TempPathFactory, set5_dir: Path):
+    """Set5 cut as the prepare stage cuts it, at x2 only, loaded: ``(lr, hr, validation)`` with
+    ``lr`` float (N, 1, 41, 41) network inputs, ``hr`` uint8 (N, 1, 41, 41) targets (patches on a
+    41-pixel grid, no down-sizing) and ``validation`` ``{2: [(name, lr, hr), ...]}`` whole images, as
+    :func:`vdsr.prepare.load_patches` and :func:`vdsr.prepare.load_validation` return them."""
+    from vdsr.prepare import (
+        load_patches,
+        load_validation,
+        write_training_set,
+        write_validation_set,
+    )
+
+    folder = tmp_path_factory.mktemp("prepared_x2")
+    images = sorted(set5_dir.iterdir())
+    write_training_set(images, folder / "train.h5", scales=[2], downsizing=[1.0], patch_size=41, stride=41)
+    write_validation_set(images, folder / "val.h5", scales=[2])
+    patches = load_patches(folder / "train.h5")
+    return patches.lr, patches.hr, load_validation(folder / "val.h5")
+
+
 class LocalHTTPServer:
     """A threaded ``http.server`` on 127.0.0.1 serving one folder; records each request's path."""
 

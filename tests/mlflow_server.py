@@ -34,7 +34,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import abort_with_stacks, with_faulthandler
 
 TINY: dict[str, dict] = {
@@ -86,7 +85,7 @@ class MlflowServer:
     proxied to ``<folder>/artifacts``. Use as a context manager or call :meth:`stop`.
 
     With ``admin_password``: MLflow's basic authentication (``--app-name basic-auth``, as the
-    README's shared-server recipe), its user store in ``<folder>/basic_auth.db``, user ``admin``
+    shared-server recipe of docs/mlflow.md), its user store in ``<folder>/basic_auth.db``, user ``admin``
     with that password, ``default_permission = EDIT``; every request but ``/health`` then needs
     credentials (HTTP 401 without). Needs Flask-WTF (the dev extra).
     """
@@ -114,7 +113,7 @@ class MlflowServer:
 
             config = self.folder / "basic_auth.ini"
             config.write_text(
-                "[mlflow]\ndefault_permission = EDIT\nadmin_username = admin\n"  # as the README's recipe
+                "[mlflow]\ndefault_permission = EDIT\nadmin_username = admin\n"  # as docs/mlflow.md's recipe
                 f"database_uri = sqlite:///{(self.folder / 'basic_auth.db').as_posix()}\n"
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
             env.update({"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,

@@ -1,5 +1,5 @@
 """Credentials and machine paths: a real ``mlflow server --app-name basic-auth`` on 127.0.0.1 (the
-README's shared-server recipe), the tiny pipeline logging to it with the password in the URI, and
+shared-server recipe of docs/mlflow.md), the tiny pipeline logging to it with the password in the URI, and
 every file, log line and logged model checked for the password and for this machine's paths."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, run_checked
 from mlflow_server import MlflowServer, Streamed, rest
 
@@ -73,7 +72,7 @@ def test_basic_auth_server_refuses_requests_without_credentials_and_takes_them_f
     logged = rest(url, "runs/get", {"run_id": run.run_id}, auth=auth_server.admin)["run"]
     assert logged["info"]["status"] == "FINISHED" and logged["data"]["metrics"][0]["value"] == 1.0
 
-    # A teammate's account, made as the README says; default_permission = EDIT lets her log to
+    # A teammate's account, made as docs/mlflow.md says; default_permission = EDIT lets her log to
     # the experiment that admin created.
     import mlflow.server
 
@@ -90,10 +89,10 @@ def test_basic_auth_server_refuses_requests_without_credentials_and_takes_them_f
     assert logged["info"]["status"] == "FINISHED" and logged["data"]["metrics"][0]["value"] == 2.0
 
 
-def test_readme_recipe_binds_loopback_and_keeps_credentials_out_of_uris() -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme[readme.index("### A shared tracking server"):readme.index("### When the server is down")]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+def test_documented_recipe_binds_loopback_and_keeps_credentials_out_of_uris() -> None:
+    page = (REPO_ROOT / "docs" / "mlflow.md").read_text()
+    section = page[page.index("## A shared tracking server"):page.index("## When the server is down")]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     server = next(block for block in blocks if "mlflow server" in block)
     assert "--app-name basic-auth" in server and "--host 127.0.0.1" in server and "0.0.0.0" not in server, server
     assert "MLFLOW_TRACKING_USERNAME" in section and "MLFLOW_TRACKING_PASSWORD" in section

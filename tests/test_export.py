@@ -1,5 +1,5 @@
 """``vdsr export``: the Keras 3 and ONNX files compute what the PyTorch model computes (Set5 through
-the evaluation protocol), carry their provenance, run the README's snippets, and refuse bad input.
+the evaluation protocol), carry their provenance, run the snippets of docs/export.md, and refuse bad input.
 
 The models under test have random He-initialised weights (no released weights exist yet): a
 depth-5 width-16 VDSR and a width-8 SRCNN, saved with :func:`vdsr.models.save_model`.
@@ -26,18 +26,17 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import REPO_ROOT
 from PIL import Image
 
 from vdsr.cli import main
 from vdsr.color import rgb2y
 from vdsr.evaluate import evaluate_images
 from vdsr.images import list_images, read_image
+from vdsr.inference import model_upscaler
 from vdsr.models import ModelConfig, build_model, load_model, save_model
 from vdsr.prepare import write_training_set
 from vdsr.resize import imresize
-from vdsr.inference import model_upscaler
-
-from conftest import REPO_ROOT
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CONFIGS = {"vdsr": ModelConfig("vdsr", 5, 16), "srcnn": ModelConfig("srcnn", 3, 8)}
@@ -175,13 +174,13 @@ def test_export_records_source_sha256_config_and_commit(fmt: str, model_files: d
     assert [p.name for p in tmp_path.glob(".*.tmp")] == []
 
 
-# --- the README's snippets ------------------------------------------------------------------------
+# --- the snippets of docs/export.md ---------------------------------------------------------------
 
 
-def readme_snippets() -> list[str]:
-    """The python blocks the README marks as run by this file, in order."""
-    text = (REPO_ROOT / "README.md").read_text()
-    return re.findall(r"<!-- tested: tests/test_export.py runs this block -->\n```python\n(.*?)```", text, re.S)
+def doc_snippets() -> list[str]:
+    """The python blocks docs/export.md marks as run by this file, in order."""
+    text = (REPO_ROOT / "docs" / "export.md").read_text()
+    return re.findall(r"<!-- tested: tests/test_export.py runs this block -->\n```python\n(.*?)```", text, re.DOTALL)
 
 
 def run_snippet(code: str, cwd: Path) -> str:
@@ -192,18 +191,18 @@ def run_snippet(code: str, cwd: Path) -> str:
     return result.stdout
 
 
-def test_readme_has_the_three_snippets() -> None:
-    snippets = readme_snippets()
+def test_export_page_has_the_three_snippets() -> None:
+    snippets = doc_snippets()
     assert len(snippets) == 3
     assert "model.predict" in snippets[0] and "InferenceSession" in snippets[1] and "model.fit" in snippets[2]
 
 
-def test_readme_upscale_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tmp_path: Path) -> None:
+def test_keras_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tmp_path: Path) -> None:
     butterfly = read_image(set5_dir / "butterfly.png")  # 256 x 256 RGB
     small = np.clip(np.round(imresize(butterfly.astype(np.float64), 1 / 3)), 0, 255).astype(np.uint8)
     Image.fromarray(small).save(tmp_path / "input.png")
     export(model_files["vdsr"], "keras", tmp_path / "vdsr.keras")
-    run_snippet(readme_snippets()[0], tmp_path)
+    run_snippet(doc_snippets()[0], tmp_path)
     assert main(["upscale", str(tmp_path / "input.png"), "--scale", "3", "--model", str(model_files["vdsr"]),
                  "-o", str(tmp_path / "reference.png"), "--device", "cpu"]) == 0
     got = np.asarray(Image.open(tmp_path / "output.png")).astype(int)
@@ -215,12 +214,12 @@ def test_readme_upscale_snippet_equals_vdsr_upscale(model_files: dict, set5_dir:
     assert np.abs(got - bicubic).mean() > 1  # and the network did something
 
 
-def test_readme_onnx_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tmp_path: Path) -> None:
+def test_onnx_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tmp_path: Path) -> None:
     y = rgb2y(read_image(set5_dir / "bird.png"))  # 288 x 288 uint8
     Image.fromarray(np.clip(np.round(imresize(y.astype(np.float64), 1 / 3)), 0, 255).astype(np.uint8)).save(
         tmp_path / "gray.png")
     export(model_files["vdsr"], "onnx", tmp_path / "vdsr.onnx")
-    run_snippet(readme_snippets()[1], tmp_path)
+    run_snippet(doc_snippets()[1], tmp_path)
     assert main(["upscale", str(tmp_path / "gray.png"), "--scale", "3", "--model", str(model_files["vdsr"]),
                  "-o", str(tmp_path / "reference.png"), "--device", "cpu"]) == 0
     got = np.asarray(Image.open(tmp_path / "gray-output.png")).astype(int)
@@ -229,13 +228,13 @@ def test_readme_onnx_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Pa
     assert np.abs(got - expected).max() <= 1 and (got != expected).mean() < 1e-3
 
 
-def test_readme_fit_snippet_lowers_the_loss(model_files: dict, shared_datasets: Path, tmp_path: Path) -> None:
+def test_fit_snippet_lowers_the_loss(model_files: dict, shared_datasets: Path, tmp_path: Path) -> None:
     images = sorted((shared_datasets / "data" / "yang91").glob("t*.bmp"))[:4]
     train_h5 = tmp_path / "data" / "prepared" / "train.h5"
     counts = write_training_set(images, train_h5, scales=SCALES, downsizing=[1.0], patch_size=41, stride=41)
     assert sum(counts.values()) >= 128  # a few batches of 64 per epoch
     export(model_files["vdsr"], "keras", tmp_path / "vdsr.keras")
-    stdout = run_snippet(readme_snippets()[2], tmp_path)
+    stdout = run_snippet(doc_snippets()[2], tmp_path)
     losses = ast.literal_eval(re.search(r"loss per epoch: (\[.*\])", stdout).group(1))
     assert len(losses) == 3 and losses[-1] < losses[0]
     # independently of Keras's running average: the fine-tuned model fits the patches better

@@ -24,17 +24,22 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_summary(set5_dir, tmp_path):
     speed = summary["speed"]
     assert speed["sync_check"] == "not applicable (cpu)"
     assert set(speed["variants"]) == {"reference", "ours (defaults)"}
-    assert all(row["patches_per_s"] > 0 and row["mfu"] is None for row in speed["variants"].values())
-    assert speed["speedup_vs_reference"] > 0
+    rates = {name: row["patches_per_s"] for name, row in speed["variants"].items()}
+    assert all(rate > 0 for rate in rates.values()) and all(row["mfu"] is None for row in speed["variants"].values())
+    assert speed["best"] == "ours (defaults)"  # the only variant besides the reference without --compile
+    assert speed["speedup_vs_reference"] == round(rates[speed["best"]] / rates["reference"], 2)
     quality = summary["quality"]
     for precision in {summary["default_precision"], "fp32"}:
-        assert {"x2", "x3", "x4", "train_s"} <= set(quality[precision])
+        assert {"x2", "x3", "x4", "train_s"} <= set(quality[precision]) and quality[precision]["train_s"] > 0
         assert all(15 < quality[precision][f"x{s}"] < 50 for s in (2, 3, 4))  # PSNR in dB, evaluated
-    assert "gpu_check: not applicable (cpu);" in done.stdout
+    last = done.stdout.strip().splitlines()[-1]  # the summary line, after the JSON of speed and quality
+    assert last == (f"gpu_check: not applicable (cpu); {speed['speedup_vs_reference']}x the reference; "
+                    f"wrote {out} in {summary['elapsed_s']:.0f} s"), last
 
 
 def test_flops_per_patch_by_hand():
     from conftest import load_script
+
     from vdsr.models import ModelConfig
 
     module = load_script(REPO_ROOT / "bench" / "gpu_check.py", "gpu_check")

@@ -15,9 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_checked
-from mlflow_server import Streamed, list_artifacts, rest, stage_lines, stage_output, stage_seconds
+from mlflow_server import (
+    Streamed,
+    list_artifacts,
+    rest,
+    stage_lines,
+    stage_output,
+    stage_seconds,
+)
 
 pytest_plugins = ["mlflow_server"]  # fixtures tiny_repo and tracking_server
 
@@ -44,7 +50,7 @@ def assert_outputs_complete(repo: Path, epochs: int) -> None:
 
 
 def chromium() -> str:
-    """The Chromium binary; a missing one fails the test (CI installs it: README "Tests")."""
+    """The Chromium binary; a missing one fails the test (CI installs it: docs/install.md, "For the tests")."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
         if path:
@@ -71,7 +77,7 @@ def open_page(url: str, workdir: Path, screenshot: Path) -> str:
 def visible_text(dom: str) -> str:
     import html
 
-    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.DOTALL)
     return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))
 
 

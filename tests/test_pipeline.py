@@ -6,7 +6,6 @@ import json
 
 import h5py
 import pytest
-
 from conftest import run_checked
 
 SMALL = {
@@ -33,7 +32,7 @@ def test_dvc_repro_data_stages_then_nothing_to_do(pipeline_repo) -> None:
 
     second = run_checked(["dvc", "repro", "prepare", "baseline"], repo, env)
     assert "Running stage" not in second.stdout
-    # bicubic.json is a plain output, not a metric: the same in every experiment (README, DVC experiments)
+    # bicubic.json is a plain output, not a metric: the same in every experiment (dvc.yaml, the baseline stage's comment)
     assert "up to date" in run_checked(["dvc", "status", "prepare", "baseline"], repo, env).stdout
 
     # A params change re-runs only the stage that reads it.

@@ -16,9 +16,14 @@ from vdsr import evaluate
 from vdsr.checkpoints import load_checkpoint
 from vdsr.distributed import gpu_index
 from vdsr.images import list_images, read_image
+from vdsr.inference import model_upscaler, predict_y
 from vdsr.models import ModelConfig, build_model
-from vdsr.prepare import load_patches, load_validation, write_training_set, write_validation_set
-from vdsr.runtime import bf16_is_native, cpu_has_native_bf16, fp32_precisions, resolve_runtime
+from vdsr.runtime import (
+    bf16_is_native,
+    cpu_has_native_bf16,
+    fp32_precisions,
+    resolve_runtime,
+)
 from vdsr.train import (
     LOG_EVERY,
     TrainConfig,
@@ -30,7 +35,6 @@ from vdsr.train import (
     train,
     validate,
 )
-from vdsr.inference import model_upscaler, predict_y
 
 CPU = torch.device("cpu")
 TINY = ModelConfig("vdsr", depth=3, width=8)
@@ -43,18 +47,9 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, set5_dir):
-    folder = tmp_path_factory.mktemp("prepared")
-    images = sorted(set5_dir.iterdir())
-    write_training_set(images, folder / "train.h5", scales=[2], downsizing=[1.0], patch_size=41, stride=41)
-    write_validation_set(images, folder / "val.h5", scales=[2])
-    patches = load_patches(folder / "train.h5")
-    return patches.lr, patches.hr, load_validation(folder / "val.h5")
-
-
-def small(data):
-    lr, hr, validation = data
+def first_96(set5_x2_arrays):
+    """96 patches and two small validation images of ``set5_x2_arrays`` (conftest.py)."""
+    lr, hr, validation = set5_x2_arrays
     return lr[:96], hr[:96], {2: [v for v in validation[2] if v[0] in {"bird", "butterfly"}]}
 
 
@@ -100,9 +95,9 @@ class FlagProbe(torch.nn.Module):
         return out
 
 
-def test_validation_and_inference_run_in_exact_fp32_whatever_the_surroundings(data, set5_dir):
+def test_validation_and_inference_run_in_exact_fp32_whatever_the_surroundings(set5_x2_arrays, set5_dir):
     probe = FlagProbe(build_model(TINY)).eval()
-    _, _, validation = data
+    _, _, validation = set5_x2_arrays
     image = read_image(next(iter(list_images(set5_dir))))
     before = fp32_precisions()
     torch.backends.mkldnn.conv.fp32_precision = "bf16"  # a caller that allows reduced precision ...
@@ -125,8 +120,8 @@ def test_validation_and_inference_run_in_exact_fp32_whatever_the_surroundings(da
 # --- training in each mode ----------------------------------------------------------------------
 
 
-def test_bf16_learns_like_fp32(data, set5_dir):
-    lr, hr, validation = data
+def test_bf16_learns_like_fp32(set5_x2_arrays, set5_dir):
+    lr, hr, validation = set5_x2_arrays
     config = TrainConfig(clip_theta=1e-4, epochs=3, batch_size=16, seed=0)  # the paper's recipe, as test_train
     images = [(p.stem, read_image(p)) for p in list_images(set5_dir)]
     bicubic = evaluate.evaluate_images(images, [2], evaluate.bicubic_upscaler)["x2"]["psnr"]
@@ -143,8 +138,8 @@ def test_bf16_learns_like_fp32(data, set5_dir):
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path, mode):
-    lr, hr, validation = small(data)
+def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(set5_x2_arrays, tmp_path, mode):
+    lr, hr, validation = first_96(set5_x2_arrays)
     runtime = MODES[mode]
     whole = train(lr, hr, validation, TINY, QUICK, runtime=runtime, progress=False)
     again = train(lr, hr, validation, TINY, QUICK, runtime=runtime, progress=False)
@@ -172,8 +167,8 @@ def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path, mode
         assert torch.equal(a, b)
 
 
-def test_timed_checkpoints_are_written_mid_epoch(data, tmp_path):
-    lr, hr, validation = small(data)
+def test_timed_checkpoints_are_written_mid_epoch(set5_x2_arrays, tmp_path):
+    lr, hr, validation = first_96(set5_x2_arrays)
     writes = []
     checkpoint = tmp_path / "last.pt"
 
@@ -187,8 +182,8 @@ def test_timed_checkpoints_are_written_mid_epoch(data, tmp_path):
     assert 1 in writes and 2 * LOG_EVERY - 2 in writes  # every step of the epoch, not only at its end
 
 
-def test_a_checkpoint_resumes_in_another_precision(data, tmp_path, caplog):
-    lr, hr, validation = small(data)
+def test_a_checkpoint_resumes_in_another_precision(set5_x2_arrays, tmp_path, caplog):
+    lr, hr, validation = first_96(set5_x2_arrays)
     checkpoint = tmp_path / "last.pt"
     one = dataclasses.replace(QUICK, epochs=1)
     train(lr, hr, validation, TINY, one, runtime=MODES["bf16-channels_last"], progress=False, checkpoint_path=checkpoint)
@@ -200,8 +195,8 @@ def test_a_checkpoint_resumes_in_another_precision(data, tmp_path, caplog):
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
 
 
-def test_compiled_training_matches_eager(data):
-    lr, hr, validation = small(data)
+def test_compiled_training_matches_eager(set5_x2_arrays):
+    lr, hr, validation = first_96(set5_x2_arrays)
     config = dataclasses.replace(QUICK, epochs=1, steps_per_epoch=3)
     eager = train(lr, hr, validation, TINY, config, runtime=MODES["fp32"], progress=False)
     compiled = train(lr, hr, validation, TINY, config, runtime=resolve_runtime(CPU, "fp32", False, "default"),

@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-
 from conftest import REPO_ROOT
+
 from vdsr import paper, table3
 
 
@@ -45,10 +45,16 @@ def test_changed_weights_are_refused_and_a_self_ensemble_row_is_added(tmp_path: 
 
 
 def test_readme_results_are_the_released_ones() -> None:
-    """The README's results table (near its top) shows the released eval.json's VDSR PSNR."""
+    """The README's results table shows, for every set of the released eval.json, its VDSR PSNR
+    beside the paper's (Table 3) and the difference: ``ours / paper (difference)``, 2 decimals."""
     readme = (REPO_ROOT / "README.md").read_text()
+    results = readme[readme.index("## Results"):readme.index("## Your first hour")]
     scores = json.loads((REPO_ROOT / "pretrained" / "eval.json").read_text())["model"]
+    assert set(scores) == {"Set5", "Set14", "B100", "Urban100"}
     for dataset, by_scale in scores.items():
-        cells = " | ".join(f"{by_scale[x]['psnr']:.2f} ({by_scale[x]['psnr'] - paper.TABLE3[dataset][x]['vdsr'][0]:+.2f})"
-                           for x in ("x2", "x3", "x4"))
-        assert f"| {dataset} | {cells} |" in readme, f"README results row of {dataset} disagrees with eval.json"
+        ours = {x: by_scale[x]["psnr"] for x in ("x2", "x3", "x4")}
+        theirs = {x: paper.TABLE3[dataset][x]["vdsr"][0] for x in ours}
+        cells = " | ".join(f"{ours[x]:.2f} / {theirs[x]:.2f} ({ours[x] - theirs[x]:+.2f})" for x in ours)
+        assert f"| {dataset} | {cells} |" in results, f"README results row of {dataset} disagrees with eval.json"
+    rows = [line for line in results.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(scores), rows  # header, rule and one row per set: no stale row
