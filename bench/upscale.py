@@ -84,8 +84,8 @@ def timing_luma(megapixels: float, scale: int, seed: int = 0) -> np.ndarray:
     by ``scale`` (MATLAB imresize); the output side is a multiple of 12, so every scale gets the same."""
     side = output_side(megapixels)
     rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0.1, 0.9, (side // scale // 8 + 2, side // scale // 8 + 2))
-    low = imresize(coarse, (side // scale, side // scale))
+    coarse = rng.uniform(0.1, 0.9, (side // scale // 8 + 1, side // scale // 8 + 1))
+    low = imresize(coarse, 8.0)[: side // scale, : side // scale]
     low = np.clip(low + rng.uniform(-0.05, 0.05, low.shape), 0.0, 1.0)
     return imresize(low, float(scale))
 
@@ -160,7 +160,7 @@ def prepare(model: torch.nn.Module, names: list[str] | None, tile: int) -> tuple
             continue
         try:
             ready.append(Measured(variant, inference.variant_upscaler(model, torch.device("cpu"), variant, tile=tile)))
-        except Exception as error:  # a missing extra, an exporter or compiler failure: report, go on
+        except Exception as error:  # noqa: BLE001 -- a missing extra, an exporter failure: report, go on
             skipped.append({"name": variant.name, "reason": f"{type(error).__name__}: {error}"})
             print(f"skipped {variant.name}: {skipped[-1]['reason']}", flush=True)
     return ready, skipped
@@ -173,7 +173,7 @@ def warm_up(measured: list[Measured], luma: np.ndarray) -> list[dict]:
         start = time.perf_counter()
         try:
             entry.upscaler(luma, 2)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- a compiler failure: report, go on
             measured.remove(entry)
             failed.append({"name": entry.variant.name, "reason": f"{type(error).__name__}: {error}"})
             print(f"skipped {entry.variant.name}: {failed[-1]['reason']}", flush=True)
@@ -248,6 +248,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    known = [variant.name for variant in inference.all_variants()]
+    for name in args.variants or []:
+        if name not in known:
+            raise SystemExit(f"--variants {name!r}: expected one of {', '.join(repr(k) for k in known)}")
     for folder in args.sets:
         if not folder.is_dir():
             raise SystemExit(f"--sets {folder}: not a folder (expected HR images, e.g. Set5)")

@@ -40,16 +40,22 @@ from PIL import Image, UnidentifiedImageError
 
 from vdsr.color import rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import Upscaler
+from vdsr.images import ImageError
 from vdsr.inference import (  # the network pass, shared with training's validation and evaluation
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_PRECISION,
     DEFAULT_TILE,
+    UPSCALE_PRECISIONS,
     Network,
+    Variant,
     load_network,
     network_numerics,
     receptive_radius,
     run_tile,
     tile_grid,
+    upscale_model,
 )
-from vdsr.images import ImageError
 from vdsr.io import atomic_path
 from vdsr.png import PngWriter, write_png
 from vdsr.resize import _resize_axis0, contributions, imresize, output_size
@@ -622,8 +628,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
     )
     parser.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32",
-        help="fp32 (default, exact) | bf16: faster on GPUs and CPUs with native bf16, 8 significant bits",
+        "--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+        help=f"how the network runs (default {DEFAULT_BACKEND}): torch (eager, weights in channels_last), "
+        "torch-nchw (eager NCHW: with fp32, the exact pass evaluation uses), torch-compile, onnxruntime "
+        "(extra onnx, fp32), openvino (extra openvino); speeds in docs/upscaling-speed.md",
+    )
+    parser.add_argument(
+        "--precision", choices=UPSCALE_PRECISIONS, default=DEFAULT_PRECISION,
+        help=f"fp32 | bf16 (default {DEFAULT_PRECISION}: within 0.02 dB of fp32 on Set5 and Set14 at every "
+        "scale, measured by bench/upscale.py; 8 significant bits in the network); --backend torch-nchw "
+        "--precision fp32 gives the exact output",
     )
     parser.add_argument(
         "--self-ensemble", action="store_true",
@@ -683,7 +697,9 @@ def run(args: argparse.Namespace) -> int:
     if args.overlap is not None and args.overlap < radius:
         raise ValueError(f"--overlap {args.overlap} is below the model's receptive-field radius {radius}")
     overlap = radius if args.overlap is None else args.overlap
-    network = Network(model, device, args.tile, overlap, args.precision, args.self_ensemble)
+    variant = Variant(args.backend, args.precision)
+    network = Network(upscale_model(model, variant), device, args.tile, overlap, variant.precision,
+                      args.self_ensemble, variant.backend)
     if args.self_ensemble:
         _say("x8 self-ensemble: each tile through the 8 flips/rotations, averaged (8x the time)")
     counts = [_tiles(header, args.scale, network) for _, header in ready]
