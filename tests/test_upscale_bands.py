@@ -51,11 +51,15 @@ def stored(path: Path) -> np.ndarray:
 
 
 def whole_image_output(
-    tmp_path: Path, source: Path, scale: int, model: torch.nn.Module, tile: int, overlap: int | None = None
+    tmp_path: Path, source: Path, scale: int, model: torch.nn.Module, tile: int, overlap: int | None = None,
+    variant: inference.Variant | None = None,
 ) -> np.ndarray:
     """The output of the whole-image path: read_picture, upscale_picture (predict_y on the whole
-    luma, in tiles of ``tile``), write_picture."""
-    luma = lambda y, _scale: inference.predict_y(model, y, "cpu", tile, overlap)  # noqa: E731
+    luma, in tiles of ``tile``, as ``variant``: default ``vdsr upscale``'s), write_picture."""
+    variant = variant or inference.Variant()
+    network = inference.upscale_model(model, variant)
+    luma = lambda y, _scale: inference.predict_y(network, y, "cpu", tile, overlap,  # noqa: E731
+                                                 precision=variant.precision)
     result = upscale.upscale_picture(upscale.read_picture(source), scale, luma)
     path = tmp_path / "whole.png"
     upscale.write_picture(path, result, overwrite=True)
@@ -90,6 +94,26 @@ def test_banded_output_is_the_whole_image_output(
     assert main(["upscale", str(source), "--scale", str(scale), "--model", str(model_file), "--device", "cpu",
                  "-o", str(out), *options]) == 0
     np.testing.assert_array_equal(stored(out), whole_image_output(tmp_path, source, scale, model, tile, overlap))
+
+
+@pytest.mark.parametrize("variant", [v for v in inference.all_variants() if v.backend.startswith("torch")
+                                     and v.backend != "torch-compile"], ids=lambda v: v.name)
+def test_banded_output_is_the_same_variants_whole_image_output(
+    tmp_path: Path, model: torch.nn.Module, model_file: Path, variant: inference.Variant
+) -> None:
+    """Each variant, band by band, equals that variant's whole-image output bit for bit (not NCHW's:
+    channels_last and bf16 sum in another order); the exact one is evaluation's pass."""
+    source = tmp_path / "rgb.png"
+    write_image(source, "rgb")
+    out = tmp_path / "banded.png"
+    assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "--device", "cpu",
+                 "-o", str(out), "--tile", "7", "--backend", variant.backend, "--precision", variant.precision]) == 0
+    np.testing.assert_array_equal(stored(out), whole_image_output(tmp_path, source, 3, model, 7, variant=variant))
+    exact = whole_image_output(tmp_path, source, 3, model, 0, variant=inference.REFERENCE)
+    if variant == inference.REFERENCE:
+        np.testing.assert_array_equal(stored(out), exact)
+    else:  # a few uint8 levels at most from the exact output
+        assert np.abs(stored(out).astype(int) - exact).max() <= (1 if variant.precision == "fp32" else 4)
 
 
 def test_a_photo_is_identical_at_the_default_tile(tmp_path: Path, set5_dir: Path, model, model_file) -> None:
