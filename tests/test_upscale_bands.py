@@ -330,7 +330,10 @@ def test_self_ensemble_upscale_is_the_whole_image_ensemble(tmp_path: Path, model
     out = tmp_path / "plus.png"
     assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "--device", "cpu", "--tile", "8",
                  "--self-ensemble", "-o", str(out)]) == 0
-    luma = lambda y, _scale: inference.predict_y(model, y, "cpu", 0, self_ensemble=True)  # noqa: E731
+    variant = inference.Variant()  # vdsr upscale's default
+    network = inference.upscale_model(model, variant)
+    luma = lambda y, _scale: inference.predict_y(network, y, "cpu", 0, precision=variant.precision,  # noqa: E731
+                                                 self_ensemble=True)
     whole = upscale.upscale_picture(upscale.read_picture(source), 3, luma)
     upscale.write_picture(tmp_path / "whole.png", whole, overwrite=True)
     np.testing.assert_array_equal(stored(out), stored(tmp_path / "whole.png"))
