@@ -135,3 +135,15 @@ def test_exported_backends_compute_the_network(backend: str, precision: str, mod
     got = variant_upscaler(model, torch.device("cpu"), variant, tile=9)(y, 2)
     assert got.shape == y.shape
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 if precision == "fp32" else 0.05)
+
+
+def test_the_default_variant_is_openvino_where_installed_else_torch():
+    import importlib.util
+
+    from vdsr.inference import DEFAULT_PRECISION, Variant, resolve_variant
+
+    expected = "openvino" if importlib.util.find_spec("openvino") else "torch"
+    assert resolve_variant() == Variant(expected, DEFAULT_PRECISION)
+    assert resolve_variant("auto", "fp32", "cuda") == Variant("torch", "fp32")  # exported backends: CPU only
+    assert resolve_variant("onnxruntime") == Variant("onnxruntime", "fp32")
+    assert resolve_variant("torch-nchw", "fp32") == Variant("torch-nchw", "fp32")

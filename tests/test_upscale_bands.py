@@ -56,7 +56,7 @@ def whole_image_output(
 ) -> np.ndarray:
     """The output of the whole-image path: read_picture, upscale_picture (predict_y on the whole
     luma, in tiles of ``tile``, as ``variant``: default ``vdsr upscale``'s), write_picture."""
-    variant = variant or inference.Variant()
+    variant = variant or inference.resolve_variant()
     network = inference.upscale_model(model, variant)
     luma = lambda y, _scale: inference.predict_y(network, y, "cpu", tile, overlap,  # noqa: E731
                                                  precision=variant.precision)
@@ -161,7 +161,7 @@ def test_peak_memory_does_not_grow_with_the_picture(peaks: dict[str, int]) -> No
     assert peaks["tall whole"] - peaks["tall"] > 200 * 2**20, peaks
 
 
-@pytest.mark.parametrize("key, variant", [("tall whole", inference.Variant()),
+@pytest.mark.parametrize("key, variant", [("tall whole", inference.resolve_variant()),
                                           ("tall whole exact", inference.REFERENCE)], ids=["default", "exact"])
 def test_memory_estimate_bounds_the_measured_peak(peaks: dict[str, int], model: torch.nn.Module, key: str,
                                                   variant: inference.Variant) -> None:
@@ -337,7 +337,7 @@ def test_self_ensemble_upscale_is_the_whole_image_ensemble(tmp_path: Path, model
     out = tmp_path / "plus.png"
     assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "--device", "cpu", "--tile", "8",
                  "--self-ensemble", "-o", str(out)]) == 0
-    variant = inference.Variant()  # vdsr upscale's default
+    variant = inference.resolve_variant()  # vdsr upscale's default
     network = inference.upscale_model(model, variant)
     luma = lambda y, _scale: inference.predict_y(network, y, "cpu", 0, precision=variant.precision,  # noqa: E731
                                                  self_ensemble=True)

@@ -232,9 +232,12 @@ def model_upscaler(model: torch.nn.Module, device: torch.device, *, tile: int = 
 # the exact fp32 NCHW reference (docs/upscaling-speed.md). Evaluation never goes through this.
 BACKENDS = ("torch", "torch-nchw", "torch-compile", "onnxruntime", "openvino")
 UPSCALE_PRECISIONS = ("fp32", "bf16")
-# The default: the fastest variant within 0.02 dB of exact fp32 on Set5 and Set14 at every scale,
-# as measured side by side by bench/upscale.py (table and load in docs/upscaling-speed.md).
-DEFAULT_BACKEND = "torch"
+# The default (``auto``): the fastest variant within 0.02 dB of exact fp32 on Set5 and Set14 at
+# every scale, as measured side by side by bench/upscale.py (table and load in
+# docs/upscaling-speed.md): OpenVINO where its optional extra is installed, else PyTorch eager
+# channels_last (ONNX Runtime re-exports the model at every load, for less).
+DEFAULT_BACKEND = "auto"
+AUTO_ORDER = ("openvino", "torch")  # the first one importable wins (on the CPU; torch elsewhere)
 DEFAULT_PRECISION = "bf16"
 
 
@@ -254,7 +257,7 @@ class Variant:
     bf16 in PyTorch is autocast (:func:`network_numerics`).
     """
 
-    backend: str = DEFAULT_BACKEND
+    backend: str = "torch"
     precision: str = DEFAULT_PRECISION
 
     def __post_init__(self) -> None:
@@ -275,6 +278,22 @@ class Variant:
 
 
 REFERENCE = Variant("torch-nchw", "fp32")  # what evaluation computes: exact fp32, NCHW
+
+
+def resolve_variant(backend: str = DEFAULT_BACKEND, precision: str | None = None,
+                    device: str | torch.device = "cpu") -> Variant:
+    """The :class:`Variant` that ``vdsr upscale --backend BACKEND --precision PRECISION`` runs:
+    ``auto`` is the first of :data:`AUTO_ORDER` whose package is installed (torch off the CPU),
+    precision None is :data:`DEFAULT_PRECISION` (fp32 for onnxruntime)."""
+    import importlib.util
+
+    if backend == "auto":
+        on_cpu = str(device) == "cpu" or getattr(device, "type", None) == "cpu"
+        backend = next((name for name in AUTO_ORDER if name == "torch"
+                        or (on_cpu and importlib.util.find_spec(name) is not None)), "torch")
+    if precision is None:
+        precision = "fp32" if backend == "onnxruntime" else DEFAULT_PRECISION
+    return Variant(backend, precision)
 
 
 def all_variants() -> list[Variant]:

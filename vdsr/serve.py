@@ -77,16 +77,16 @@ def file_upscaler(model_path: Path, device: str = "auto", tile: int = SERVE_TILE
 
     The one coupling to :mod:`vdsr.upscale`: the same steps as ``vdsr upscale`` for each file
     (read_picture, upscale_picture with the network's luma as the variant ``backend`` at
-    ``precision`` -- default ``vdsr upscale``'s, :data:`vdsr.inference.DEFAULT_BACKEND` and
-    :data:`~vdsr.inference.DEFAULT_PRECISION` -- write_picture), so the served picture is the one
+    ``precision`` -- default ``vdsr upscale``'s, :func:`vdsr.inference.resolve_variant` of
+    ``auto`` -- write_picture), so the served picture is the one
     the command writes with the same options (band-by-band equals whole-image for one variant).
     Raises :class:`vdsr.images.ImageError` for a file that is not a usable image or declares more
     than ``max_pixels`` pixels, :class:`vdsr.inference.VariantError` for a variant that cannot run.
     """
     from vdsr import inference, upscale
 
-    variant = inference.Variant(backend or inference.DEFAULT_BACKEND, precision or inference.DEFAULT_PRECISION)
     model, target = inference.load_network(Path(model_path), device)
+    variant = inference.resolve_variant(backend or inference.DEFAULT_BACKEND, precision, target)
     luma = inference.variant_upscaler(model, target, variant, tile=tile)
 
     def upscale_file(source: Path, output: Path, scale: int, max_pixels: int) -> None:
@@ -185,7 +185,7 @@ def default_model_config() -> dict[str, Any]:
     from vdsr.inference import DEFAULT_BACKEND, DEFAULT_PRECISION
 
     return {"max_pixels": SERVE_MAX_PIXELS, "tile": SERVE_TILE, "device": "auto",
-            "backend": DEFAULT_BACKEND, "precision": DEFAULT_PRECISION}
+            "backend": DEFAULT_BACKEND, "precision": DEFAULT_PRECISION}  # auto: resolved where it is served
 
 
 @dataclass

@@ -48,10 +48,10 @@ from vdsr.inference import (  # the network pass, shared with training's validat
     DEFAULT_TILE,
     UPSCALE_PRECISIONS,
     Network,
-    Variant,
     load_network,
     network_numerics,
     receptive_radius,
+    resolve_variant,
     run_tile,
     tile_grid,
     upscale_model,
@@ -443,8 +443,8 @@ def memory_needed(header: Header, scale: int, network: Network) -> int:
 
     The decoded input (Pillow's image, our copy, a conversion and an orientation copy); the band: the
     float32 luma with its overlap, the network's luma, the float64 Cb/Cr/alpha and the chunk
-    temporaries; and, on the CPU, the network on one window: five activations of its widest layer
-    (float32; on a GPU they are in its memory, not counted here).
+    temporaries; and, on the CPU, the network on one window: the feature maps of its widest layer
+    that the variant holds at once (:func:`activation_maps`; on a GPU they are in its memory, not counted here).
     The band's width is the picture's longer side (orientation is not read from the header).
     """
     pixels = header.width * header.height
@@ -457,11 +457,27 @@ def memory_needed(header: Header, scale: int, network: Network) -> int:
     chunk = out_width * min(CHUNK_ROWS, margin_rows) * 8 * 4 * 6
     side = network.tile + 2 * network.overlap
     window = min(side, out_height) * min(side, out_width) if network.tile else out_height * out_width
-    if network.device.type == "cpu":  # VDSR 20x64 on a 552^2 window: 4.1 maps of 64 channels measured
-        activations = window * 4 * (5 * network.channels() + 2)
+    if network.device.type == "cpu":
+        maps, value_bytes = activation_maps(network.backend, network.precision)
+        activations = window * (maps * network.channels() * value_bytes + 4 * 2)
     else:  # the activations live in the device's memory; here only the window and its estimate
         activations = window * 4 * 2
     return decode + band + chunk + activations
+
+
+def activation_maps(backend: str, precision: str) -> tuple[int, int]:
+    """Feature maps of the widest layer held at once on the CPU, and bytes per value, for a variant.
+
+    Measured with bench/upscale_memory.py (``--tile 0``, peak RSS over an 8x8 picture's, less the
+    bands' share; docs/upscaling-speed.md): NCHW, where oneDNN reorders each layer's input and output
+    to its blocked layout (VDSR 20x64 on a 552^2 window: 4.1 maps; depth 3 width 4, padded to 8
+    channels: 5.7) -> 5 (and 6 in bf16, whose reorders add a bf16 copy, at 4 bytes to stay above);
+    channels_last, where oneDNN convolves NHWC in place of reordering (width 4: 1.7 maps in fp32,
+    0.6 fp32 maps' worth in bf16) -> 3 at the precision's bytes. ONNX Runtime and OpenVINO keep
+    their own arenas, not measured: the NCHW figure."""
+    if backend in ("torch", "torch-compile"):
+        return 3, 2 if precision == "bf16" else 4
+    return (6 if precision == "bf16" and backend == "torch-nchw" else 5), 4
 
 
 def available_memory() -> int | None:
@@ -628,16 +644,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
     )
     parser.add_argument(
-        "--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-        help=f"how the network runs (default {DEFAULT_BACKEND}): torch (eager, weights in channels_last), "
-        "torch-nchw (eager NCHW: with fp32, the exact pass evaluation uses), torch-compile, onnxruntime "
-        "(extra onnx, fp32), openvino (extra openvino); speeds in docs/upscaling-speed.md",
+        "--backend", choices=("auto", *BACKENDS), default=DEFAULT_BACKEND,
+        help="how the network runs: auto (default: openvino if installed, else torch), torch (eager, "
+        "weights in channels_last), torch-nchw (eager NCHW: with fp32, the exact pass evaluation uses), "
+        "torch-compile, onnxruntime (extra onnx, fp32), openvino (extra openvino); docs/upscaling-speed.md",
     )
     parser.add_argument(
-        "--precision", choices=UPSCALE_PRECISIONS, default=DEFAULT_PRECISION,
-        help=f"fp32 | bf16 (default {DEFAULT_PRECISION}: within 0.02 dB of fp32 on Set5 and Set14 at every "
-        "scale, measured by bench/upscale.py; 8 significant bits in the network); --backend torch-nchw "
-        "--precision fp32 gives the exact output",
+        "--precision", choices=UPSCALE_PRECISIONS,
+        help=f"fp32 | bf16 (default {DEFAULT_PRECISION}, fp32 for onnxruntime: within 0.02 dB of exact fp32 on "
+        "Set5 and Set14 at every scale, measured by bench/upscale.py); --backend torch-nchw --precision fp32 "
+        "gives the exact output",
     )
     parser.add_argument(
         "--self-ensemble", action="store_true",
@@ -697,7 +713,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overlap is not None and args.overlap < radius:
         raise ValueError(f"--overlap {args.overlap} is below the model's receptive-field radius {radius}")
     overlap = radius if args.overlap is None else args.overlap
-    variant = Variant(args.backend, args.precision)
+    variant = resolve_variant(args.backend, args.precision, device)
+    log.info("network: %s on %s", variant.name, device)
     network = Network(upscale_model(model, variant), device, args.tile, overlap, variant.precision,
                       args.self_ensemble, variant.backend)
     if args.self_ensemble:
