@@ -470,14 +470,14 @@ def activation_maps(backend: str, precision: str) -> tuple[int, int]:
 
     Measured with bench/upscale_memory.py (``--tile 0``, peak RSS over an 8x8 picture's, less the
     bands' share; docs/upscaling-speed.md): NCHW, where oneDNN reorders each layer's input and output
-    to its blocked layout (VDSR 20x64 on a 552^2 window: 4.1 maps; depth 3 width 4, padded to 8
-    channels: 5.7) -> 5 (and 6 in bf16, whose reorders add a bf16 copy, at 4 bytes to stay above);
-    channels_last, where oneDNN convolves NHWC in place of reordering (width 4: 1.7 maps in fp32,
-    0.6 fp32 maps' worth in bf16) -> 3 at the precision's bytes. ONNX Runtime and OpenVINO keep
-    their own arenas, not measured: the NCHW figure."""
+    to its blocked layout (VDSR 20x64 on a 552^2 window: 4.1 maps; depth 3 width 4, whose 4
+    channels are padded: 5.7 in fp32, 2.6 fp32 maps' worth in bf16) -> 5 fp32 maps; channels_last,
+    where oneDNN convolves NHWC without reordering (width 4: 1.7 maps in fp32, 0.6 fp32 maps' worth
+    in bf16) -> 3 maps at the precision's bytes. ONNX Runtime and OpenVINO keep their own arenas,
+    not measured: the NCHW figure."""
     if backend in ("torch", "torch-compile"):
         return 3, 2 if precision == "bf16" else 4
-    return (6 if precision == "bf16" and backend == "torch-nchw" else 5), 4
+    return 5, 4
 
 
 def available_memory() -> int | None:
