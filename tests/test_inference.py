@@ -140,10 +140,10 @@ def test_exported_backends_compute_the_network(backend: str, precision: str, mod
 def test_the_default_variant_is_openvino_where_installed_else_torch():
     import importlib.util
 
-    from vdsr.inference import DEFAULT_PRECISION, Variant, resolve_variant
+    from vdsr.inference import DEFAULT_PRECISIONS, Variant, resolve_variant
 
     expected = "openvino" if importlib.util.find_spec("openvino") else "torch"
-    assert resolve_variant() == Variant(expected, DEFAULT_PRECISION)
+    assert resolve_variant() == Variant(expected, DEFAULT_PRECISIONS[expected])
     assert resolve_variant("auto", "fp32", "cuda") == Variant("torch", "fp32")  # exported backends: CPU only
     assert resolve_variant("onnxruntime") == Variant("onnxruntime", "fp32")
     assert resolve_variant("torch-nchw", "fp32") == Variant("torch-nchw", "fp32")

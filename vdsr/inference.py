@@ -239,6 +239,9 @@ UPSCALE_PRECISIONS = ("fp32", "bf16")
 DEFAULT_BACKEND = "auto"
 AUTO_ORDER = ("openvino", "torch")  # the first one importable wins (on the CPU; torch elsewhere)
 DEFAULT_PRECISION = "bf16"
+# --precision's default for each backend: the faster precision that stays within 0.02 dB.
+DEFAULT_PRECISIONS = {"openvino": "bf16", "torch": "bf16", "torch-compile": "bf16", "torch-nchw": "fp32",
+                      "onnxruntime": "fp32"}
 
 
 class VariantError(ValueError):
@@ -284,7 +287,7 @@ def resolve_variant(backend: str = DEFAULT_BACKEND, precision: str | None = None
                     device: str | torch.device = "cpu") -> Variant:
     """The :class:`Variant` that ``vdsr upscale --backend BACKEND --precision PRECISION`` runs:
     ``auto`` is the first of :data:`AUTO_ORDER` whose package is installed (torch off the CPU),
-    precision None is :data:`DEFAULT_PRECISION` (fp32 for onnxruntime)."""
+    precision None is the backend's :data:`DEFAULT_PRECISIONS`."""
     import importlib.util
 
     if backend == "auto":
@@ -292,7 +295,7 @@ def resolve_variant(backend: str = DEFAULT_BACKEND, precision: str | None = None
         backend = next((name for name in AUTO_ORDER if name == "torch"
                         or (on_cpu and importlib.util.find_spec(name) is not None)), "torch")
     if precision is None:
-        precision = "fp32" if backend == "onnxruntime" else DEFAULT_PRECISION
+        precision = DEFAULT_PRECISIONS.get(backend, DEFAULT_PRECISION)
     return Variant(backend, precision)
 
 

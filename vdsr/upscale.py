@@ -44,7 +44,7 @@ from vdsr.images import ImageError
 from vdsr.inference import (  # the network pass, shared with training's validation and evaluation
     BACKENDS,
     DEFAULT_BACKEND,
-    DEFAULT_PRECISION,
+    DEFAULT_PRECISIONS,
     DEFAULT_TILE,
     UPSCALE_PRECISIONS,
     Network,
@@ -651,9 +651,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision", choices=UPSCALE_PRECISIONS,
-        help=f"fp32 | bf16 (default {DEFAULT_PRECISION}, fp32 for onnxruntime: within 0.02 dB of exact fp32 on "
-        "Set5 and Set14 at every scale, measured by bench/upscale.py); --backend torch-nchw --precision fp32 "
-        "gives the exact output",
+        help="fp32 | bf16 (default: the backend's fastest within 0.02 dB of exact fp32 on Set5 and Set14 at "
+        f"every scale, measured by bench/upscale.py: {', '.join(f'{b} {p}' for b, p in DEFAULT_PRECISIONS.items())}); "
+        "--backend torch-nchw --precision fp32 gives the exact output",
     )
     parser.add_argument(
         "--self-ensemble", action="store_true",
