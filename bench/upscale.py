@@ -303,7 +303,7 @@ def report(args: argparse.Namespace, config, rows: list[dict], default: str, pea
                    "shipped_default": inference.Variant().name, "variants": rows, "peak_gflops": peak,
                    "skipped": skipped, "megapixels": round(side * side / 1e6, 4), "scales": args.scales,
                    "quality_sets": [s.name for s in args.sets], "quality_crop": args.quality_crop,
-                   "mflop_per_pixel": round(flops / 1e6, 4), "rounds": args.rounds, "tile": args.tile}
+                   "flop_per_pixel": round(flops), "rounds": args.rounds, "tile": args.tile}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -234,14 +234,16 @@ BACKENDS = ("torch", "torch-nchw", "torch-compile", "onnxruntime", "openvino")
 UPSCALE_PRECISIONS = ("fp32", "bf16")
 # The default (``auto``): the fastest variant within 0.02 dB of exact fp32 on Set5 and Set14 at
 # every scale, as measured side by side by bench/upscale.py (table and load in
-# docs/upscaling-speed.md): OpenVINO where its optional extra is installed, else PyTorch eager
-# channels_last (ONNX Runtime re-exports the model at every load, for less).
+# docs/upscaling-speed.md). No bf16 variant stays within 0.02 dB (0.07 dB), so fp32: OpenVINO where
+# its optional extra is installed (4.3x the reference), else PyTorch eager channels_last (2.1x,
+# outputs within 6e-7 of NCHW). ONNX Runtime (4.7x, within noise of OpenVINO) is not picked by
+# ``auto``: its ``onnx`` extra is installed for ``vdsr export``, and the ONNX export it needs at
+# every load (minutes on a loaded 2-core CPU) would then fall on every ``vdsr upscale``.
 DEFAULT_BACKEND = "auto"
 AUTO_ORDER = ("openvino", "torch")  # the first one importable wins (on the CPU; torch elsewhere)
-DEFAULT_PRECISION = "bf16"
+DEFAULT_PRECISION = "fp32"
 # --precision's default for each backend: the faster precision that stays within 0.02 dB.
-DEFAULT_PRECISIONS = {"openvino": "bf16", "torch": "bf16", "torch-compile": "bf16", "torch-nchw": "fp32",
-                      "onnxruntime": "fp32"}
+DEFAULT_PRECISIONS = {backend: "fp32" for backend in BACKENDS}
 
 
 class VariantError(ValueError):
