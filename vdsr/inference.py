@@ -11,6 +11,11 @@ equals whole-image inference, with memory bounded by the tile size.
 Precision. ``fp32`` computes in exact fp32 (:func:`vdsr.runtime.exact_fp32`: no autocast, no TF32),
 as evaluation must; ``bf16`` runs under bfloat16 autocast (8 significant bits).
 
+Variants. ``vdsr upscale`` and serving may run the network another way (:class:`Variant`:
+channels_last weights, ONNX Runtime or OpenVINO on the ONNX export, bf16), measured side by side
+by bench/upscale.py; :func:`upscale_model` builds a copy, so evaluation's model, and its exact
+fp32 NCHW pass (:func:`model_upscaler`, :func:`load_upscaler`), are never changed by them.
+
 Self-ensemble (Timofte, Rothe & Van Gool 2016, "Seven ways to improve example-based single image
 super resolution"; the "+" models of EDSR, Lim et al. 2017): the network runs on the 8 images of
 the input under the symmetries of the square (identity, 3 rotations, their 4 mirror images), each
