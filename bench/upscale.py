@@ -20,9 +20,10 @@ The machine's peak: a 3x3, 64 to 64 channel convolution (VDSR's body layer) on a
 ``--peak-side`` square, fp32 (exact) and bf16 (autocast), NCHW and channels_last, the faster of the
 two layouts; measured in the same run, between the variants' rounds.
 
-The default is the fastest variant within ``--tolerance`` dB (0.02) of the reference on every set
-and scale; it is what ``vdsr upscale`` should default to (vdsr/inference.py ``DEFAULT_BACKEND``,
-``DEFAULT_PRECISION``; docs/upscaling-speed.md).
+The default shown is the fastest variant within ``--tolerance`` dB (0.02) of the reference on every
+set and scale: what ``vdsr upscale --backend auto`` is chosen from (vdsr/inference.py ``AUTO_ORDER``,
+``DEFAULT_PRECISIONS``; docs/upscaling-speed.md says why onnxruntime, within noise of openvino,
+is not picked). The JSON's ``shipped_default`` is what ``auto`` resolves to here.
 
     python bench/upscale.py --json out/bench_upscale.json                    # 2 MP, Set5 and Set14
     python bench/upscale.py --megapixels 0.05 --quality-crop 64 --rounds 2    # a quick run
@@ -300,7 +301,7 @@ def report(args: argparse.Namespace, config, rows: list[dict], default: str, pea
     if args.json:
         summary = {"device": device, "torch": torch.__version__, "load_average": load_average(),
                    "reference": inference.REFERENCE.name, "default": default,
-                   "shipped_default": inference.Variant().name, "variants": rows, "peak_gflops": peak,
+                   "shipped_default": inference.resolve_variant().name, "variants": rows, "peak_gflops": peak,
                    "skipped": skipped, "megapixels": round(side * side / 1e6, 4), "scales": args.scales,
                    "quality_sets": [s.name for s in args.sets], "quality_crop": args.quality_crop,
                    "flop_per_pixel": round(flops), "rounds": args.rounds, "tile": args.tile}
