@@ -220,7 +220,7 @@ def summarise(measured: list[Measured], flops: float, tolerance: float) -> tuple
             "name": entry.variant.name,
             "seconds_per_megapixel": round(seconds, 3),
             "psnr_delta_db": round(max((abs(d) for d in deltas.values()), default=0.0), 4),
-            "gflops": round(flops * 1e6 / seconds / 1e9, 2),
+            "gflops": float(f"{flops * 1e6 / seconds / 1e9:.4g}"),  # 4 significant digits: tiny models too
             "speedup": round(reference.seconds_per_megapixel() / seconds, 2),
             "seconds_per_megapixel_by_scale": {f"x{k}": round(min(v), 3) for k, v in entry.seconds.items()},
             "psnr_delta_db_by_set_scale": {key: round(d, 4) for key, d in deltas.items()},
