@@ -84,3 +84,66 @@ def test_tiles_of_the_network_pass_average_the_eight_symmetries():
     for tile in (0, 8, 13):
         np.testing.assert_allclose(predict_y(model, y, "cpu", tile=tile, self_ensemble=True), reference,
                                    rtol=0, atol=1e-6)
+
+
+# --- upscaling variants (vdsr upscale, serving; evaluation stays exact) ---------------------------
+
+
+def test_a_variant_is_checked_by_name():
+    from vdsr.inference import Variant, VariantError
+
+    with pytest.raises(VariantError, match="backend must be one of torch, torch-nchw, .*got 'tensorrt'"):
+        Variant("tensorrt", "fp32")
+    with pytest.raises(VariantError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        Variant("torch", "fp16")
+    with pytest.raises(VariantError, match="onnxruntime runs fp32 only"):
+        Variant("onnxruntime", "bf16")
+
+
+def test_evaluation_stays_exact_fp32_nchw_and_variants_copy_the_model():
+    """model_upscaler (evaluation) is the plain NCHW exact pass; building a variant leaves the model as it was."""
+    from vdsr.inference import Variant, predict_y, upscale_model, variant_upscaler
+
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = np.random.default_rng(2).uniform(0.1, 0.9, (29, 21))
+    exact = model_upscaler(model, torch.device("cpu"), tile=0)(y, 2)
+    nhwc = upscale_model(model, Variant("torch", "fp32"))
+    assert nhwc is not model and nhwc.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for key, value in model.state_dict().items():
+        assert value.is_contiguous() and torch.equal(value, before[key]), key
+    np.testing.assert_array_equal(model_upscaler(model, torch.device("cpu"), tile=0)(y, 2), exact)
+    np.testing.assert_array_equal(exact, predict_y(model, y, "cpu", 0, precision="fp32"))
+    fast = variant_upscaler(model, torch.device("cpu"), Variant("torch", "fp32"), tile=8)(y, 2)
+    np.testing.assert_allclose(fast, exact, rtol=0, atol=1e-5)
+    assert np.abs(variant_upscaler(model, torch.device("cpu"), Variant("torch", "bf16"), tile=0)(y, 2) - exact).max() < 0.05
+
+
+@pytest.mark.parametrize("backend, precision, module", [("onnxruntime", "fp32", "onnxruntime"),
+                                                        ("openvino", "fp32", "openvino"), ("openvino", "bf16", "openvino")])
+def test_exported_backends_compute_the_network(backend: str, precision: str, module: str):
+    """ONNX Runtime and OpenVINO on the exported model, tiled: the exact pass's values (bf16: near them)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip(module)
+    from vdsr.inference import Variant, receptive_radius, upscale_model, variant_upscaler
+
+    model = tiny_model()
+    y = np.random.default_rng(3).uniform(0.1, 0.9, (26, 19))
+    exact = model_upscaler(model, torch.device("cpu"), tile=0)(y, 2)
+    variant = Variant(backend, precision)
+    assert receptive_radius(upscale_model(model, variant)) == receptive_radius(model) == 4
+    got = variant_upscaler(model, torch.device("cpu"), variant, tile=9)(y, 2)
+    assert got.shape == y.shape
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 if precision == "fp32" else 0.05)
+
+
+def test_the_default_variant_is_openvino_where_installed_else_torch():
+    import importlib.util
+
+    from vdsr.inference import DEFAULT_PRECISIONS, Variant, resolve_variant
+
+    expected = "openvino" if importlib.util.find_spec("openvino") else "torch"
+    assert resolve_variant() == Variant(expected, DEFAULT_PRECISIONS[expected])
+    assert resolve_variant("auto", "fp32", "cuda") == Variant("torch", "fp32")  # exported backends: CPU only
+    assert resolve_variant("onnxruntime") == Variant("onnxruntime", "fp32")
+    assert resolve_variant("torch-nchw", "fp32") == Variant("torch-nchw", "fp32")

@@ -71,18 +71,23 @@ class RequestError(ValueError):
 # --- one request row -> one PNG (no MLflow) -----------------------------------------------------
 
 
-def file_upscaler(model_path: Path, device: str = "auto", tile: int = SERVE_TILE) -> FileUpscaler:
+def file_upscaler(model_path: Path, device: str = "auto", tile: int = SERVE_TILE, *,
+                  backend: str | None = None, precision: str | None = None) -> FileUpscaler:
     """Load the model at ``model_path`` once; return what upscales one image file to a PNG.
 
     The one coupling to :mod:`vdsr.upscale`: the same steps as ``vdsr upscale`` for each file
-    (read_picture, upscale_picture with the network's luma in exact fp32, write_picture), so the
-    served picture is the one the command writes. Raises :class:`vdsr.images.ImageError` for a
-    file that is not a usable image or declares more than ``max_pixels`` pixels.
+    (read_picture, upscale_picture with the network's luma as the variant ``backend`` at
+    ``precision`` -- default ``vdsr upscale``'s, :func:`vdsr.inference.resolve_variant` of
+    ``auto`` -- write_picture), so the served picture is the one
+    the command writes with the same options (band-by-band equals whole-image for one variant).
+    Raises :class:`vdsr.images.ImageError` for a file that is not a usable image or declares more
+    than ``max_pixels`` pixels, :class:`vdsr.inference.VariantError` for a variant that cannot run.
     """
     from vdsr import inference, upscale
 
     model, target = inference.load_network(Path(model_path), device)
-    luma = inference.model_upscaler(model, target, tile=tile)
+    variant = inference.resolve_variant(backend or inference.DEFAULT_BACKEND, precision, target)
+    luma = inference.variant_upscaler(model, target, variant, tile=tile)
 
     def upscale_file(source: Path, output: Path, scale: int, max_pixels: int) -> None:
         picture = upscale.read_picture(source, max_pixels)
@@ -145,16 +150,17 @@ class VdsrPyfunc(mlflow.pyfunc.PythonModel):
     """The pyfunc model: rows of (``image``: base64 image file, ``scale``: 2 | 3 | 4) -> ``image``: base64 PNG.
 
     Loads the network once per server process (:meth:`load_context`); the model's config
-    (``max_pixels``, ``tile``, ``device``) is fixed at registration. Built by ``serve_model.py``.
+    (``max_pixels``, ``tile``, ``device``, ``backend``, ``precision``) is fixed at registration. Built by ``serve_model.py``.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = {**default_model_config(), **(context.model_config or {})}
         self._max_pixels = int(config["max_pixels"])
-        self._upscale_file = file_upscaler(Path(context.artifacts[WEIGHTS]), str(config["device"]), int(config["tile"]))
+        self._upscale_file = file_upscaler(Path(context.artifacts[WEIGHTS]), str(config["device"]), int(config["tile"]),
+                                           backend=str(config["backend"]), precision=str(config["precision"]))
         # A line of the server's log (which shows no INFO records of other loggers): once per process.
-        print(f"vdsr serve: model loaded (device {config['device']}, tile {config['tile']}, "
-              f"max {self._max_pixels:,} pixels)", file=sys.stderr, flush=True)
+        print(f"vdsr serve: model loaded (device {config['device']}, tile {config['tile']}, backend "
+              f"{config['backend']} {config['precision']}, max {self._max_pixels:,} pixels)", file=sys.stderr, flush=True)
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> list[dict[str, str]]:
@@ -175,7 +181,11 @@ class VdsrPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def default_model_config() -> dict[str, Any]:
-    return {"max_pixels": SERVE_MAX_PIXELS, "tile": SERVE_TILE, "device": "auto"}
+    """The served model's config: limits, device, and the variant ``vdsr upscale`` defaults to."""
+    from vdsr.inference import DEFAULT_BACKEND, DEFAULT_PRECISION
+
+    return {"max_pixels": SERVE_MAX_PIXELS, "tile": SERVE_TILE, "device": "auto",
+            "backend": DEFAULT_BACKEND, "precision": DEFAULT_PRECISION}  # auto: resolved where it is served
 
 
 @dataclass

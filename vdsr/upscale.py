@@ -40,16 +40,22 @@ from PIL import Image, UnidentifiedImageError
 
 from vdsr.color import rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import Upscaler
+from vdsr.images import ImageError
 from vdsr.inference import (  # the network pass, shared with training's validation and evaluation
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_PRECISIONS,
     DEFAULT_TILE,
+    UPSCALE_PRECISIONS,
     Network,
     load_network,
     network_numerics,
     receptive_radius,
+    resolve_variant,
     run_tile,
     tile_grid,
+    upscale_model,
 )
-from vdsr.images import ImageError
 from vdsr.io import atomic_path
 from vdsr.png import PngWriter, write_png
 from vdsr.resize import _resize_axis0, contributions, imresize, output_size
@@ -437,8 +443,8 @@ def memory_needed(header: Header, scale: int, network: Network) -> int:
 
     The decoded input (Pillow's image, our copy, a conversion and an orientation copy); the band: the
     float32 luma with its overlap, the network's luma, the float64 Cb/Cr/alpha and the chunk
-    temporaries; and, on the CPU, the network on one window: five activations of its widest layer
-    (float32; on a GPU they are in its memory, not counted here).
+    temporaries; and, on the CPU, the network on one window: the feature maps of its widest layer
+    that the variant holds at once (:func:`activation_maps`; on a GPU they are in its memory, not counted here).
     The band's width is the picture's longer side (orientation is not read from the header).
     """
     pixels = header.width * header.height
@@ -451,11 +457,27 @@ def memory_needed(header: Header, scale: int, network: Network) -> int:
     chunk = out_width * min(CHUNK_ROWS, margin_rows) * 8 * 4 * 6
     side = network.tile + 2 * network.overlap
     window = min(side, out_height) * min(side, out_width) if network.tile else out_height * out_width
-    if network.device.type == "cpu":  # VDSR 20x64 on a 552^2 window: 4.1 maps of 64 channels measured
-        activations = window * 4 * (5 * network.channels() + 2)
+    if network.device.type == "cpu":
+        maps, value_bytes = activation_maps(network.backend, network.precision)
+        activations = window * (maps * network.channels() * value_bytes + 4 * 2)
     else:  # the activations live in the device's memory; here only the window and its estimate
         activations = window * 4 * 2
     return decode + band + chunk + activations
+
+
+def activation_maps(backend: str, precision: str) -> tuple[int, int]:
+    """Feature maps of the widest layer held at once on the CPU, and bytes per value, for a variant.
+
+    Measured with bench/upscale_memory.py (``--tile 0``, peak RSS over an 8x8 picture's, less the
+    bands' share; docs/upscaling-speed.md): NCHW, where oneDNN reorders each layer's input and output
+    to its blocked layout (VDSR 20x64 on a 552^2 window: 4.1 maps; depth 3 width 4, whose 4
+    channels are padded: 5.7 in fp32, 2.6 fp32 maps' worth in bf16) -> 5 fp32 maps; channels_last,
+    where oneDNN convolves NHWC without reordering (width 4: 1.7 maps in fp32, 0.6 fp32 maps' worth
+    in bf16) -> 3 maps at the precision's bytes. ONNX Runtime and OpenVINO keep their own arenas,
+    not measured: the NCHW figure."""
+    if backend in ("torch", "torch-compile"):
+        return 3, 2 if precision == "bf16" else 4
+    return 5, 4
 
 
 def available_memory() -> int | None:
@@ -622,8 +644,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlap", type=int, help="context pixels around each tile (default and minimum: the receptive-field radius)"
     )
     parser.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32",
-        help="fp32 (default, exact) | bf16: faster on GPUs and CPUs with native bf16, 8 significant bits",
+        "--backend", choices=("auto", *BACKENDS), default=DEFAULT_BACKEND,
+        help="how the network runs: auto (default: openvino if installed, else torch), torch (eager, "
+        "weights in channels_last), torch-nchw (eager NCHW: with fp32, the exact pass evaluation uses), "
+        "torch-compile, onnxruntime (extra onnx, fp32), openvino (extra openvino); docs/upscaling-speed.md",
+    )
+    parser.add_argument(
+        "--precision", choices=UPSCALE_PRECISIONS,
+        help="fp32 | bf16 (default: the backend's fastest within 0.02 dB of exact fp32 on Set5 and Set14 at "
+        f"every scale, measured by bench/upscale.py: {', '.join(f'{b} {p}' for b, p in DEFAULT_PRECISIONS.items())}); "
+        "--backend torch-nchw --precision fp32 gives the exact output",
     )
     parser.add_argument(
         "--self-ensemble", action="store_true",
@@ -683,7 +713,10 @@ def run(args: argparse.Namespace) -> int:
     if args.overlap is not None and args.overlap < radius:
         raise ValueError(f"--overlap {args.overlap} is below the model's receptive-field radius {radius}")
     overlap = radius if args.overlap is None else args.overlap
-    network = Network(model, device, args.tile, overlap, args.precision, args.self_ensemble)
+    variant = resolve_variant(args.backend, args.precision, device)
+    log.info("network: %s on %s", variant.name, device)
+    network = Network(upscale_model(model, variant), device, args.tile, overlap, variant.precision,
+                      args.self_ensemble, variant.backend)
     if args.self_ensemble:
         _say("x8 self-ensemble: each tile through the 8 flips/rotations, averaged (8x the time)")
     counts = [_tiles(header, args.scale, network) for _, header in ready]
