@@ -188,7 +188,7 @@ def test_an_experiment_that_skips_a_model_leaves_the_earlier_run_as_it_was(works
     assert new_report != srcnn_report
     experiment = srcnn.info.experiment_id
     [new] = client.search_runs([experiment], "tags.`pipeline.source_run_id` = '%s'" % first["srcnn"])
-    assert new.info.run_name == "second/srcnn/report" and new.info.status == "FINISHED"
+    assert new.info.run_name == "srcnn second report" and new.info.status == "FINISHED"
     assert new.data.tags["dvc.exp_name"] == "second" and new.data.tags["pipeline.run_id"] == "pipeline-2"
     assert new.data.tags["stage"] == "report" and new.data.tags["pipeline.model"] == "srcnn"
     assert new.data.params["train.model"] == "srcnn"  # the params of the run it stands beside

@@ -49,7 +49,7 @@ def exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict]:
 
 def assert_complete_run(client: MlflowClient, run, name: str, lr: str) -> None:
     assert run.info.status == "FINISHED", (name, run.info)
-    assert run.info.run_name == f"{name}/vdsr" and run.data.tags["dvc.exp_name"] == name
+    assert run.info.run_name == f"vdsr {name}" and run.data.tags["dvc.exp_name"] == name
     assert run.data.params["train.lr"] == lr
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr_x2")] == [1, 2]
     assert {"eval/Set5/x2/psnr", "eval/Set5/x2/ssim"} <= set(run.data.metrics), run.data.metrics
@@ -128,7 +128,7 @@ def test_named_experiments_are_named_mlflow_runs(tiny_repo):
     head = run_checked(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     client, runs = store_runs(repo)
     runs = [run for run in runs if run.data.tags.get("dvc.exp_name")]  # not the baseline's
-    assert [run.info.run_name for run in runs] == ["lr-small/vdsr", "lr-large/vdsr"]
+    assert [run.info.run_name for run in runs] == ["vdsr lr-small", "vdsr lr-large"]
     for run, (name, lr) in zip(runs, (("lr-small", "0.0005"), ("lr-large", "0.002")), strict=True):
         assert_complete_run(client, run, name, lr)
         assert run.data.tags["dvc.exp_baseline_rev"] == head
@@ -299,8 +299,8 @@ def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
             "starting a new run for the report of vdsr") in changed.stdout + changed.stderr
     _, runs = store_runs(repo)
     mine = {run.info.run_name: run for run in runs if run.data.tags.get("dvc.exp_name") == "srcnn-lr"}
-    assert sorted(mine) == ["srcnn-lr/srcnn", "srcnn-lr/vdsr/report"], sorted(mine)
-    assert mine["srcnn-lr/vdsr/report"].data.tags["pipeline.source_run_id"] == vdsr_id
+    assert sorted(mine) == ["srcnn srcnn-lr", "vdsr srcnn-lr report"], sorted(mine)
+    assert mine["vdsr srcnn-lr report"].data.tags["pipeline.source_run_id"] == vdsr_id
     new_report = (repo / "reports/results.md").read_text()
     assert new_report != vdsr_report
     for run in mine.values():
