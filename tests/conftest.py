@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,22 @@ def _text(data: str | bytes | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
 
 
+def repo_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment of git and dvc children in a temporary repository: ``base`` (default this
+    process's), this venv's tools first on PATH, a test identity for the commits, then ``extra``."""
+    return {**(os.environ if base is None else base),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1", **extra}
+
+
+def init_repo(repo: Path, env: dict[str, str], message: str) -> None:
+    """``git init`` + ``dvc init`` in ``repo`` and commit everything in it as ``message``."""
+    for command in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", message]):
+        run_checked(command, repo, env, timeout=120)
+
+
 def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
     """Run a command (no shell) with :func:`run_child`; fail the test with its output if it exits non-zero."""
     result = run_child(args, cwd=cwd, env=env, timeout=timeout)
@@ -232,7 +249,6 @@ def pipeline_repo(tmp_path: Path, shared_datasets: Path):
     Returns (repo path, environment for subprocesses).
     """
     import shutil
-    import sys
 
     def make(overrides: dict[str, dict]) -> tuple[Path, dict[str, str]]:
         repo = tmp_path / "repo"
@@ -245,18 +261,9 @@ def pipeline_repo(tmp_path: Path, shared_datasets: Path):
             else:
                 shutil.copyfile(source, target)
         set_params(repo / "params.yaml", overrides)
-        env = {
-            **os.environ,
-            "VDSR_DATA_MIRROR": str(shared_datasets),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1",
-        }
+        env = repo_env(VDSR_DATA_MIRROR=str(shared_datasets))
         env.pop("MLFLOW_TRACKING_URI", None)
-        run_checked(["git", "init", "-q", "-b", "main"], repo, env)
-        run_checked(["dvc", "init", "-q"], repo, env)
-        run_checked(["git", "add", "-A"], repo, env)
-        run_checked(["git", "commit", "-qm", "pipeline"], repo, env)
+        init_repo(repo, env, "pipeline")
         return repo, env
 
     return make

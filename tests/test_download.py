@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_checked, run_child
+from conftest import init_repo, repo_env, run_checked, run_child
 
 from vdsr.download import (
     DownloadError,
@@ -386,14 +386,9 @@ def test_relative_mirror_works_in_a_temp_experiment(tmp_path, manifest, shared_d
                                    "    outs: [data/raw]\n")
     (repo / ".gitignore").write_text("/mirror/\n")
     copy_mirror(manifest, shared_datasets, repo / "mirror", ["Set5"])
-    env = {**{k: v for k, v in os.environ.items() if k != "DVC_ROOT"}, "VDSR_DATA_MIRROR": "mirror",
-           "PYTHONPATH": str(REPO_ROOT), "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1"}
-    for command in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "commit", "-qm", "download only"]):
-        run_checked(command, repo, env, timeout=120)
+    env = repo_env({k: v for k, v in os.environ.items() if k != "DVC_ROOT"}, VDSR_DATA_MIRROR="mirror",
+                   PYTHONPATH=str(REPO_ROOT), DVC_NO_ANALYTICS="1")
+    init_repo(repo, env, "download only")
     done = run_child(["dvc", "exp", "run", "--temp", "-n", "relative"], cwd=repo, env=env, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output

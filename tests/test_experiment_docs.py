@@ -7,17 +7,15 @@ with no placeholder names."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, run_checked, run_child
+from conftest import REPO_ROOT, init_repo, repo_env, run_checked, run_child
 
 from vdsr.presets import load_preset, preset_names, set_options
 
@@ -37,13 +35,8 @@ def tiny_repo(tmp_path: Path, *, cached: bool) -> tuple[Path, dict[str, str]]:
     out = "out.json" if cached else {"out.json": {"cache": False}}
     stage = {"cmd": f"python -c {shlex.quote(STAGE)}", "params": [{"params.yaml": None}], "outs": [out]}  # all keys
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"copy": stage}}, sort_keys=False))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1"}
-    for command in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "commit", "-qm", "one stage"]):
-        run_checked(command, repo, env, timeout=120)
+    env = repo_env(DVC_NO_ANALYTICS="1")
+    init_repo(repo, env, "one stage")
     return repo, env
 
 
