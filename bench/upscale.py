@@ -1,7 +1,7 @@
 """The network pass of ``vdsr upscale`` per output megapixel, every variant side by side in one run,
 against the exact fp32 eager NCHW reference and against this machine's measured peak.
 
-Variants are :func:`vdsr.inference.all_variants`: the backends and precisions ``vdsr upscale
+Variants are :func:`vdsr.backends.all_variants`: the backends and precisions ``vdsr upscale
 --backend/--precision`` can select (PyTorch eager NCHW and channels_last in fp32 and bf16,
 ``torch.compile``, ONNX Runtime on the exported model, OpenVINO fp32/bf16 with the extra
 ``openvino``); one that cannot run here is skipped with the reason. For each:
@@ -21,7 +21,7 @@ The machine's peak: a 3x3, 64 to 64 channel convolution (VDSR's body layer) on a
 two layouts; measured in the same run, between the variants' rounds.
 
 The default shown is the fastest variant within ``--tolerance`` dB (0.02) of the reference on every
-set and scale: what ``vdsr upscale --backend auto`` is chosen from (vdsr/inference.py ``AUTO_ORDER``,
+set and scale: what ``vdsr upscale --backend auto`` is chosen from (vdsr/backends.py ``AUTO_ORDER``,
 ``DEFAULT_PRECISIONS``; docs/upscaling-speed.md says why onnxruntime, within noise of openvino,
 is not picked). The JSON's ``shipped_default`` is what ``auto`` resolves to here.
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdsr import inference
+from vdsr import backends, inference
 from vdsr.evaluate import degrade, hr_luma, to_uint8
 from vdsr.images import list_images, read_image
 from vdsr.metrics import psnr
@@ -61,7 +61,7 @@ TOLERANCE_DB = 0.02
 class Measured:
     """One variant's results: seconds per output megapixel by scale, mean PSNR by (set, scale)."""
 
-    variant: inference.Variant
+    variant: backends.Variant
     upscaler: Callable[[np.ndarray, int], np.ndarray]
     seconds: dict[int, list[float]] = field(default_factory=dict)
     psnr: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -154,13 +154,13 @@ def flops_per_pixel(model: torch.nn.Module) -> float:
 
 
 def prepare(model: torch.nn.Module, names: list[str] | None, tile: int) -> tuple[list[Measured], list[dict]]:
-    """The variants that can run here (:func:`vdsr.inference.variant_upscaler`), and the others with the reason."""
+    """The variants that can run here (:func:`vdsr.backends.variant_upscaler`), and the others with the reason."""
     ready, skipped = [], []
-    for variant in inference.all_variants():
-        if names and variant.name not in names and variant != inference.REFERENCE:
+    for variant in backends.all_variants():
+        if names and variant.name not in names and variant != backends.REFERENCE:
             continue
         try:
-            ready.append(Measured(variant, inference.variant_upscaler(model, torch.device("cpu"), variant, tile=tile)))
+            ready.append(Measured(variant, backends.variant_upscaler(model, torch.device("cpu"), variant, tile=tile)))
         except Exception as error:  # noqa: BLE001 -- a missing extra, an exporter failure: report, go on
             skipped.append({"name": variant.name, "reason": f"{type(error).__name__}: {error}"})
             print(f"skipped {variant.name}: {skipped[-1]['reason']}", flush=True)
@@ -211,7 +211,7 @@ def measure_quality(measured: list[Measured], inputs: list[tuple[str, int, np.nd
 
 def summarise(measured: list[Measured], flops: float, tolerance: float) -> tuple[list[dict], str]:
     """The JSON rows (speed, largest PSNR difference from the reference, GFLOP/s) and the default's name."""
-    reference = next(m for m in measured if m.variant == inference.REFERENCE)
+    reference = next(m for m in measured if m.variant == backends.REFERENCE)
     rows = []
     for entry in measured:
         deltas = {f"{s} x{k}": entry.psnr[(s, k)] - reference.psnr[(s, k)] for s, k in reference.psnr}
@@ -249,7 +249,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    known = [variant.name for variant in inference.all_variants()]
+    known = [variant.name for variant in backends.all_variants()]
     for name in args.variants or []:
         if name not in known:
             raise SystemExit(f"--variants {name!r}: expected one of {', '.join(repr(k) for k in known)}")
@@ -300,8 +300,8 @@ def report(args: argparse.Namespace, config, rows: list[dict], default: str, pea
         print(f"{entry['name']:<24} skipped: {entry['reason']}")
     if args.json:
         summary = {"device": device, "torch": torch.__version__, "load_average": load_average(),
-                   "reference": inference.REFERENCE.name, "default": default,
-                   "shipped_default": inference.resolve_variant().name, "variants": rows, "peak_gflops": peak,
+                   "reference": backends.REFERENCE.name, "default": default,
+                   "shipped_default": backends.resolve_variant().name, "variants": rows, "peak_gflops": peak,
                    "skipped": skipped, "megapixels": round(side * side / 1e6, 4), "scales": args.scales,
                    "quality_sets": [s.name for s in args.sets], "quality_crop": args.quality_crop,
                    "flop_per_pixel": round(flops), "rounds": args.rounds, "tile": args.tile}

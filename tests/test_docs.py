@@ -66,17 +66,23 @@ def split_commands(block: str, where: str) -> list[Command]:
         lexer.whitespace_split = True
         lexer.commenters = "#"
         words: list[str] = []
+        outer: list[list[str]] = []  # the commands a $( ) substitution interrupts, innermost last
         for token in [*lexer, ";"]:
             if token not in OPERATORS:
                 words.append(token[:-1] if token.endswith("$") and "=" in token else token)
                 continue
+            substitution = token == "(" and words and (words[-1] == "$" or words[-1].endswith("="))
+            if substitution and words[-1] == "$":
+                words.pop()  # its output is not known here: the command is checked without it
             env: dict[str, str] = {}
-            while words and ASSIGNMENT.match(words[0]) and len(words) > 1:
+            while words and ASSIGNMENT.match(words[0]) and len(words) > 1 and not substitution:
                 name, value = words.pop(0).split("=", 1)
                 env[name] = value
-            if words:
+            if substitution:
+                outer.append(words)
+            elif words:
                 commands.append(Command(env, words, f"{where}+{number}"))
-            words = []
+            words = outer.pop() if token == ")" and outer else []
     return commands
 
 
@@ -261,7 +267,11 @@ def test_shell_splitting() -> None:
                               "dvc exp run \\\n  -n x <name>", "t")
     assert [(c.env, c.words) for c in commands] == [
         ({"A": "1", "B": "x y"}, ["dvc", "repro"]), ({}, ["git", "add", "-A"]), ({}, ["cat"]),
-        ({}, ["export", "K="]), ({}, ["python", "-c", "print(1)"]), ({}, ["dvc", "exp", "run", "-n", "x", "PLACEHOLDER"])]
+        ({}, ["python", "-c", "print(1)"]), ({}, ["export", "K="]), ({}, ["dvc", "exp", "run", "-n", "x", "PLACEHOLDER"])]
+    # a substitution inside a command: its own command, and the options after it stay the outer one's
+    commands = split_commands("dvc exp run --temp $(python -m vdsr.presets smoke) -S train.vdsr.lr=1", "t")
+    assert [c.words for c in commands] == [["python", "-m", "vdsr.presets", "smoke"],
+                                           ["dvc", "exp", "run", "--temp", "-S", "train.vdsr.lr=1"]]
 
 
 # --- the quick commands, run ----------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_tiles_of_the_network_pass_average_the_eight_symmetries():
 
 
 def test_a_variant_is_checked_by_name():
-    from vdsr.inference import Variant, VariantError
+    from vdsr.backends import Variant, VariantError
 
     with pytest.raises(VariantError, match="backend must be one of torch, torch-nchw, .*got 'tensorrt'"):
         Variant("tensorrt", "fp32")
@@ -102,7 +102,8 @@ def test_a_variant_is_checked_by_name():
 
 def test_evaluation_stays_exact_fp32_nchw_and_variants_copy_the_model():
     """model_upscaler (evaluation) is the plain NCHW exact pass; building a variant leaves the model as it was."""
-    from vdsr.inference import Variant, predict_y, upscale_model, variant_upscaler
+    from vdsr.backends import Variant, upscale_model, variant_upscaler
+    from vdsr.inference import predict_y
 
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,7 +126,8 @@ def test_exported_backends_compute_the_network(backend: str, precision: str, mod
     """ONNX Runtime and OpenVINO on the exported model, tiled: the exact pass's values (bf16: near them)."""
     pytest.importorskip("onnxscript")
     pytest.importorskip(module)
-    from vdsr.inference import Variant, receptive_radius, upscale_model, variant_upscaler
+    from vdsr.backends import Variant, upscale_model, variant_upscaler
+    from vdsr.inference import receptive_radius
 
     model = tiny_model()
     y = np.random.default_rng(3).uniform(0.1, 0.9, (26, 19))
@@ -140,7 +142,7 @@ def test_exported_backends_compute_the_network(backend: str, precision: str, mod
 def test_the_default_variant_is_openvino_where_installed_else_torch():
     import importlib.util
 
-    from vdsr.inference import DEFAULT_PRECISIONS, Variant, resolve_variant
+    from vdsr.backends import DEFAULT_PRECISIONS, Variant, resolve_variant
 
     expected = "openvino" if importlib.util.find_spec("openvino") else "torch"
     assert resolve_variant() == Variant(expected, DEFAULT_PRECISIONS[expected])

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from vdsr import inference, upscale
+from vdsr import backends, inference, upscale
 from vdsr.cli import main
 from vdsr.models import ModelConfig, save_model
 from vdsr.resize import imresize
@@ -52,12 +52,12 @@ def stored(path: Path) -> np.ndarray:
 
 def whole_image_output(
     tmp_path: Path, source: Path, scale: int, model: torch.nn.Module, tile: int, overlap: int | None = None,
-    variant: inference.Variant | None = None,
+    variant: backends.Variant | None = None,
 ) -> np.ndarray:
     """The output of the whole-image path: read_picture, upscale_picture (predict_y on the whole
     luma, in tiles of ``tile``, as ``variant``: default ``vdsr upscale``'s), write_picture."""
-    variant = variant or inference.resolve_variant()
-    network = inference.upscale_model(model, variant)
+    variant = variant or backends.resolve_variant()
+    network = backends.upscale_model(model, variant)
     luma = lambda y, _scale: inference.predict_y(network, y, "cpu", tile, overlap,  # noqa: E731
                                                  precision=variant.precision)
     result = upscale.upscale_picture(upscale.read_picture(source), scale, luma)
@@ -96,10 +96,10 @@ def test_banded_output_is_the_whole_image_output(
     np.testing.assert_array_equal(stored(out), whole_image_output(tmp_path, source, scale, model, tile, overlap))
 
 
-@pytest.mark.parametrize("variant", [v for v in inference.all_variants() if v.backend.startswith("torch")
+@pytest.mark.parametrize("variant", [v for v in backends.all_variants() if v.backend.startswith("torch")
                                      and v.backend != "torch-compile"], ids=lambda v: v.name)
 def test_banded_output_is_the_same_variants_whole_image_output(
-    tmp_path: Path, model: torch.nn.Module, model_file: Path, variant: inference.Variant
+    tmp_path: Path, model: torch.nn.Module, model_file: Path, variant: backends.Variant
 ) -> None:
     """Each variant, band by band, equals that variant's whole-image output bit for bit (not NCHW's:
     channels_last and bf16 sum in another order); the exact one is evaluation's pass."""
@@ -109,8 +109,8 @@ def test_banded_output_is_the_same_variants_whole_image_output(
     assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "--device", "cpu",
                  "-o", str(out), "--tile", "7", "--backend", variant.backend, "--precision", variant.precision]) == 0
     np.testing.assert_array_equal(stored(out), whole_image_output(tmp_path, source, 3, model, 7, variant=variant))
-    exact = whole_image_output(tmp_path, source, 3, model, 0, variant=inference.REFERENCE)
-    if variant == inference.REFERENCE:
+    exact = whole_image_output(tmp_path, source, 3, model, 0, variant=backends.REFERENCE)
+    if variant == backends.REFERENCE:
         np.testing.assert_array_equal(stored(out), exact)
     else:  # a few uint8 levels at most from the exact output
         assert np.abs(stored(out).astype(int) - exact).max() <= (1 if variant.precision == "fp32" else 4)
@@ -161,13 +161,13 @@ def test_peak_memory_does_not_grow_with_the_picture(peaks: dict[str, int]) -> No
     assert peaks["tall whole"] - peaks["tall"] > 200 * 2**20, peaks
 
 
-@pytest.mark.parametrize("key, variant", [("tall whole", inference.resolve_variant()),
-                                          ("tall whole exact", inference.REFERENCE)], ids=["default", "exact"])
+@pytest.mark.parametrize("key, variant", [("tall whole", backends.resolve_variant()),
+                                          ("tall whole exact", backends.REFERENCE)], ids=["default", "exact"])
 def test_memory_estimate_bounds_the_measured_peak(peaks: dict[str, int], model: torch.nn.Module, key: str,
-                                                  variant: inference.Variant) -> None:
+                                                  variant: backends.Variant) -> None:
     """In one window (memory grows with the picture) the estimate is above what is used, not far
     above: for the default variant (channels_last bf16) and for the exact NCHW fp32 one."""
-    network = inference.Network(inference.upscale_model(model, variant), torch.device("cpu"), 0,
+    network = inference.Network(backends.upscale_model(model, variant), torch.device("cpu"), 0,
                                 inference.receptive_radius(model), variant.precision, backend=variant.backend)
     estimate = upscale.memory_needed(upscale.Header(120, 2400, 3, 8), 4, network)
     used = peaks[key] - peaks["tiny whole"]
@@ -337,8 +337,8 @@ def test_self_ensemble_upscale_is_the_whole_image_ensemble(tmp_path: Path, model
     out = tmp_path / "plus.png"
     assert main(["upscale", str(source), "--scale", "3", "--model", str(model_file), "--device", "cpu", "--tile", "8",
                  "--self-ensemble", "-o", str(out)]) == 0
-    variant = inference.resolve_variant()  # vdsr upscale's default
-    network = inference.upscale_model(model, variant)
+    variant = backends.resolve_variant()  # vdsr upscale's default
+    network = backends.upscale_model(model, variant)
     luma = lambda y, _scale: inference.predict_y(network, y, "cpu", 0, precision=variant.precision,  # noqa: E731
                                                  self_ensemble=True)
     whole = upscale.upscale_picture(upscale.read_picture(source), 3, luma)

@@ -77,17 +77,17 @@ def file_upscaler(model_path: Path, device: str = "auto", tile: int = SERVE_TILE
 
     The one coupling to :mod:`vdsr.upscale`: the same steps as ``vdsr upscale`` for each file
     (read_picture, upscale_picture with the network's luma as the variant ``backend`` at
-    ``precision`` -- default ``vdsr upscale``'s, :func:`vdsr.inference.resolve_variant` of
+    ``precision`` -- default ``vdsr upscale``'s, :func:`vdsr.backends.resolve_variant` of
     ``auto`` -- write_picture), so the served picture is the one
     the command writes with the same options (band-by-band equals whole-image for one variant).
     Raises :class:`vdsr.images.ImageError` for a file that is not a usable image or declares more
-    than ``max_pixels`` pixels, :class:`vdsr.inference.VariantError` for a variant that cannot run.
+    than ``max_pixels`` pixels, :class:`vdsr.backends.VariantError` for a variant that cannot run.
     """
-    from vdsr import inference, upscale
+    from vdsr import backends, inference, upscale
 
     model, target = inference.load_network(Path(model_path), device)
-    variant = inference.resolve_variant(backend or inference.DEFAULT_BACKEND, precision, target)
-    luma = inference.variant_upscaler(model, target, variant, tile=tile)
+    variant = backends.resolve_variant(backend or backends.DEFAULT_BACKEND, precision, target)
+    luma = backends.variant_upscaler(model, target, variant, tile=tile)
 
     def upscale_file(source: Path, output: Path, scale: int, max_pixels: int) -> None:
         picture = upscale.read_picture(source, max_pixels)
@@ -182,7 +182,7 @@ class VdsrPyfunc(mlflow.pyfunc.PythonModel):
 
 def default_model_config() -> dict[str, Any]:
     """The served model's config: limits, device, and the variant ``vdsr upscale`` defaults to."""
-    from vdsr.inference import DEFAULT_BACKEND, DEFAULT_PRECISION
+    from vdsr.backends import DEFAULT_BACKEND, DEFAULT_PRECISION
 
     return {"max_pixels": SERVE_MAX_PIXELS, "tile": SERVE_TILE, "device": "auto",
             "backend": DEFAULT_BACKEND, "precision": DEFAULT_PRECISION}  # auto: resolved where it is served

@@ -41,20 +41,15 @@ from PIL import Image, UnidentifiedImageError
 from vdsr.color import rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import Upscaler
 from vdsr.images import ImageError
+from vdsr.backends import BACKENDS, DEFAULT_BACKEND, DEFAULT_PRECISIONS, UPSCALE_PRECISIONS, resolve_variant, upscale_model
 from vdsr.inference import (  # the network pass, shared with training's validation and evaluation
-    BACKENDS,
-    DEFAULT_BACKEND,
-    DEFAULT_PRECISIONS,
     DEFAULT_TILE,
-    UPSCALE_PRECISIONS,
     Network,
     load_network,
     network_numerics,
     receptive_radius,
-    resolve_variant,
     run_tile,
     tile_grid,
-    upscale_model,
 )
 from vdsr.io import atomic_path
 from vdsr.png import PngWriter, write_png
