@@ -150,7 +150,6 @@ def test_release_cpu_continue_never_trains_from_scratch_over_a_checkpoint(tiny_r
     once (also with VDSR_START_OVER=1 in the caller's environment), the checkpoint is kept as it
     was, and the Makefile says what to do."""
     repo, env = tiny_repo()
-    shutil.copytree(REPO_ROOT / "presets", repo / "presets")
     run_checked(["dvc", "repro", "train@vdsr"], repo, env)  # the tiny recipe's finished checkpoint
     checkpoint = repo / "checkpoints" / "vdsr" / "last.pt"
     saved = checkpoint.read_bytes()
