@@ -34,10 +34,10 @@ def test_make_smoke_runs_the_pipeline_as_an_experiment_and_leaves_the_workspace(
     shown = run_checked(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "smoke-test" in shown
     with sqlite3.connect(repo / "mlflow.db") as db:
-        found = db.execute("select name, run_uuid, status from runs where name like 'smoke-test/%'").fetchall()
-    assert sorted((name, status) for name, _, status in found) == [("smoke-test/srcnn", "FINISHED"),
-                                                                   ("smoke-test/vdsr", "FINISHED")], found
-    run_ids = {name.split("/")[1]: run_id for name, run_id, _ in found}
+        found = db.execute("select name, run_uuid, status from runs where name like '% smoke-test'").fetchall()
+    assert sorted((name, status) for name, _, status in found) == [("srcnn smoke-test", "FINISHED"),
+                                                                   ("vdsr smoke-test", "FINISHED")], found
+    run_ids = {name.split(" ")[0]: run_id for name, run_id, _ in found}  # run names: the model first
 
     # `dvc exp apply` brings params, outputs and metrics into the workspace, consistent with dvc.lock.
     run_checked(["dvc", "exp", "apply", "smoke-test"], repo, env)
