@@ -12,7 +12,7 @@ DATA_MIRROR := $(or $(VDSR_DATA_MIRROR),$(wildcard $(abspath ../shared/datasets)
 DATA_MIRROR := $(if $(wildcard $(DATA_MIRROR)),$(abspath $(DATA_MIRROR)),$(DATA_MIRROR))
 SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
 
-.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-publish table3 test bench
+.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-publish paper-check table3 test bench
 
 # `--temp`: the experiment runs in a copy under .dvc/tmp/exps/, so params.yaml, dvc.lock and the
 # outputs in the workspace stay as they were; its results are kept as experiment $(SMOKE_NAME).
@@ -54,6 +54,15 @@ release-cpu-v2:
 	test -e checkpoints/vdsr/last.pt || $(PYTHON) -m vdsr.release warm-start --new-cycle release-cpu-v2 --to checkpoints/vdsr/last.pt --data data/prepared
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n release-cpu-v2 \
 		$$($(PYTHON) -m vdsr.presets release-cpu-v2) train@vdsr
+
+# Does the paper's recipe train? (docs/paper-recipe.md) The default train.vdsr for 2 epochs, validated
+# every half epoch, as the DVC experiment paper-check; PAPER_CHECK=paper-check-norm: with the public
+# PyTorch VDSR's norm clipping instead. About an hour on a 2-core CPU each.
+PAPER_CHECK ?= paper-check
+paper-check:
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n $(PAPER_CHECK) \
+		$$($(PYTHON) -m vdsr.presets $(PAPER_CHECK)) train@vdsr
 
 # Evaluate the release's last checkpoint (after the last epoch it holds the final weights) on the
 # four test sets and write it to pretrained/ with the model card if it beats the shipped one on Set5.
