@@ -20,7 +20,7 @@ smoke:
 	smoke_params=$$($(PYTHON) -m vdsr.presets smoke) && \
 		$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run --temp -n $(SMOKE_NAME) $$smoke_params
 	@echo "Smoke run done: experiment $(SMOKE_NAME); the workspace is unchanged. To look at it:"
-	@echo "  dvc exp show --only-changed --drop 'Created|epochs|wall_time_s|patches_per_s|val_psnr_x.|train_loss|.*(x3|ssim|paper|seconds|bicubic).*|(Set14|B100|Urban100).*|(data|models|stages|vdsr|results|metrics|plots)(/.*)?'"
+	@echo "  dvc exp show --only-changed --drop 'Created|epochs|wall_time_s|patches_per_s|val_psnr_x.|train_loss|Set5|.*(x3|ssim|Set14|B100|Urban100)|(data|models|stages|vdsr|results|metrics|plots)(/|\Z)'"
 	@echo "  dvc exp diff HEAD $(SMOKE_NAME)   # every param and metric that differs, one per line"
 	@echo "  dvc exp apply $(SMOKE_NAME)       # its params, model, metrics, plots/images into the workspace"
 	@echo "  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1"

@@ -6,8 +6,10 @@ section of ``params.yaml``, ``models/<name>.pt``, ``models/<name>.mlflow_run.jso
 :func:`vdsr.inference.model_upscaler` (tiled fp32 inference, on CUDA when present, on all CPU
 cores otherwise), the code behind ``vdsr evaluate --model``, so both give the same numbers.
 Writes ``results/<name>.json`` (the model, its MLflow runs, seconds per set, and PSNR/SSIM per set,
-scale and image; the ``report`` stage turns the results of all models into the table) and adds
-the means to the training's MLflow run (``eval/Set5/x2/psnr``) when that run is this DVC
+scale and image; the ``report`` stage turns the results of all models into the table), the DVC
+metrics file ``metrics/eval_<name>.json`` (the means only, ``{<name>: {set: {"x2": {psnr, ssim}}}}``:
+``dvc exp show`` columns such as ``vdsr.Set5.x2.psnr``, there for every experiment that reaches this
+stage, with or without the report) and adds the means to the training's MLflow run (``eval/Set5/x2/psnr``) when that run is this DVC
 experiment's, else to a new run (:func:`vdsr.tracking.continue_run`; a log line says which).
 """
 
@@ -36,6 +38,22 @@ DEVICE = "auto"  # cuda when present; evaluation runs in float32 either way
 TILE = DEFAULT_TILE  # network input tiles of 512 px (+ receptive-field margin): bounded memory, same output
 
 log = logging.getLogger("vdsr.stages.evaluate")
+
+
+def metrics_path(name: str) -> Path:
+    """``metrics/eval_<name>.json``, this stage's ``metrics:`` entry in dvc.yaml."""
+    return Path(f"metrics/eval_{name}.json")
+
+
+def experiment_metrics(name: str, table: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """``{<name>: {set: {"x2": {"psnr", "ssim"}}}}``: the means, under the model's name first.
+
+    DVC names an ``exp show`` column by its key path; the model's name in front keeps each model's
+    columns (``vdsr.Set5.x2.psnr``) apart from the other models' and from the report's
+    ``metrics/eval.json`` (``Set5.x2.vdsr.psnr``): a key path in two files would be shown with its
+    file name in front (``metrics/eval.json:Set5.x2.vdsr.psnr``), too wide for the table.
+    """
+    return {name: table}
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,8 @@ def main(argv: list[str]) -> int:
 
 
 def evaluate_stage(out: ModelPaths) -> None:
-    """Score models/<name>.pt on every set and scale, write results/<name>.json, complete the MLflow run."""
+    """Score models/<name>.pt on every set and scale, write results/<name>.json and
+    metrics/eval_<name>.json, complete the MLflow run."""
     params = load_section(EvaluateParams, "evaluate")
     log.info("evaluate %s: params %s", out.name, dataclasses.asdict(params))
     sets, scales = params.sets, params.scales
@@ -127,7 +146,8 @@ def evaluate_stage(out: ModelPaths) -> None:
             "sets": results,
             **({"self_ensemble_sets": plus, "seconds_self_ensemble": plus_seconds} if plus else {}),
         })
-        log.info("evaluate %s: wrote %s", out.name, out.results)
+        write_json_atomic(metrics_path(out.name), experiment_metrics(out.name, table))
+        log.info("evaluate %s: wrote %s and %s", out.name, out.results, metrics_path(out.name))
         metrics = {
             f"eval/{dataset}/{scale}/{name}": value  # e.g. eval/Set5/x2/psnr
             for dataset, by_scale in table.items()

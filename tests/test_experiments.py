@@ -73,10 +73,27 @@ def docs_command(prefix: str) -> list[str]:
     raise AssertionError(f"docs/experiments.md has no line starting with {prefix!r}")
 
 
+def documented_exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The page's ``dvc exp show`` line with ``--csv``: {experiment name: {column: value}}."""
+    import csv
+    import io
+
+    table = run_checked([*docs_command("dvc exp show --only-changed"), "--csv"], repo, env).stdout
+    return {row["Experiment"]: row for row in csv.DictReader(io.StringIO(table)) if row.get("Experiment")}
+
+
+def experiment_psnr(repo: Path, env: dict[str, str], name: str) -> float:
+    """Set5 x2 PSNR of VDSR in ``metrics/eval_vdsr.json`` as experiment ``name`` left it (a git ref)."""
+    refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout.split()
+    ref = next(ref for ref in refs if ref.endswith(f"/{name}"))
+    return json.loads(run_checked(["git", "show", f"{ref}:metrics/eval_vdsr.json"], repo, env).stdout)["vdsr"]["Set5"]["x2"]["psnr"]
+
+
 def assert_views(repo: Path, env: dict[str, str], experiments: dict[str, str]) -> None:
     """`dvc plots show` renders each defined plot once, its HTML folder is git-ignored, and the
-    page's `dvc exp show` fits every experiment's PSNR and changed params in 120 columns; the training
-    curves are also images (plots/curves, stage curves@<name>), which show without a network."""
+    page's `dvc exp show` fits every experiment's PSNR (from evaluate@vdsr's metrics file, there
+    with or without the report) and changed params in 120 columns; the training curves are also
+    images (plots/curves, stage curves@<name>), which show without a network."""
     shown = json.loads(run_checked(["dvc", "plots", "show", "--json"], repo, env).stdout)
     plots = shown["data"]
     images = sorted(f"plots/comparison/{p.name}" for p in (repo / "plots/comparison").glob("*.png"))
@@ -100,16 +117,18 @@ def assert_views(repo: Path, env: dict[str, str], experiments: dict[str, str]) -
 
     command = docs_command("dvc exp show --only-changed")
     table = run_checked(command, repo, {**env, "COLUMNS": "120"}).stdout
+    print(f"{' '.join(command)}\n{table}")  # the page's example table
     lines = table.splitlines()
     assert max(len(line) for line in lines) <= 120 and "…" not in table, table
     header = next(line for line in lines if "Experiment" in line).split()
-    assert header[1:] == ["Set5.x2.vdsr.psnr", "Set5.x4.vdsr.psnr", "train.vdsr.lr"], table
-    refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout.split()
+    assert header[1:] == ["vdsr.Set5.x2.psnr", "vdsr.Set5.x4.psnr", "train.vdsr.lr"], table
+    as_csv = documented_exp_show(repo, env)
     for name, lr in experiments.items():
-        ref = next(ref for ref in refs if ref.endswith(f"/{name}"))  # an experiment is a git ref
-        psnr = json.loads(run_checked(["git", "show", f"{ref}:metrics/eval.json"], repo, env).stdout)["Set5"]["x2"]["vdsr"]["psnr"]
+        psnr = experiment_psnr(repo, env, name)
         row = next(line for line in lines if f"[{name}]" in line)
         assert f"{psnr:.5g}" in row and row.split()[-1] == lr, (name, psnr, table)
+        assert float(as_csv[name]["vdsr.Set5.x2.psnr"]) == psnr and float(as_csv[name]["vdsr.Set5.x4.psnr"]) > 0, \
+            (name, as_csv[name])
 
 
 def test_named_experiments_are_named_mlflow_runs(tiny_repo):
@@ -132,9 +151,14 @@ def test_named_experiments_are_named_mlflow_runs(tiny_repo):
     for run, (name, lr) in zip(runs, (("lr-small", "0.0005"), ("lr-large", "0.002")), strict=True):
         assert_complete_run(client, run, name, lr)
         assert run.data.tags["dvc.exp_baseline_rev"] == head
+    # A run that stops at evaluate@vdsr (no report, no curves) has its Set5 PSNR in `dvc exp show` all
+    # the same: the report's metrics/eval.json is the committed baseline's there, evaluate@vdsr's own is new.
+    only = run_checked(["dvc", "exp", "run", "--temp", "-n", "eval-only", "evaluate@vdsr", "-S", "train.vdsr.lr=0.003"],
+                       repo, env, timeout=EXP_TIMEOUT_S)
+    assert set(re.findall(r"Running stage '([^']+)'", only.stdout)) == {"train@vdsr", "evaluate@vdsr"}, only.stdout[-3000:]
     shown = exp_show(repo, env)
     assert shown["lr-small"]["lr"] == 0.0005 and shown["lr-large"]["lr"] == 0.002, shown
-    assert_views(repo, env, {"lr-small": "0.0005", "lr-large": "0.002"})
+    assert_views(repo, env, {"lr-small": "0.0005", "lr-large": "0.002", "eval-only": "0.003"})
 
     # `dvc exp run` left the last experiment in the workspace; the page's way back to the commit:
     assert (repo / "params.yaml").read_bytes() != committed["params.yaml"]
@@ -253,6 +277,9 @@ def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
           f"{(min(a.info.end_time, b.info.end_time) - b.info.start_time) / 1000:.1f} s")
     shown = exp_show(repo, env)
     assert {name: shown[name]["lr"] for name in experiments} == {k: float(v) for k, v in experiments.items()}, shown
+    as_csv = documented_exp_show(repo, env)  # the queued runs' Set5 PSNR, in the page's view
+    assert {name: float(as_csv[name]["vdsr.Set5.x2.psnr"]) for name in experiments} == \
+        {name: experiment_psnr(repo, env, name) for name in experiments}, as_csv
 
 
 def test_two_models_side_by_side_and_one_changed(tiny_repo, tmp_path):
