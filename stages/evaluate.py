@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from paths import RAW_DIR, ModelPaths
+
 from vdsr import evaluate, tracking
 from vdsr.config import ParamsError, load_section, require
 from vdsr.images import ImageError
+from vdsr.inference import DEFAULT_TILE, model_upscaler, self_ensemble
 from vdsr.io import error_message, write_json_atomic
 from vdsr.models import ModelFileError, load_model, resolve_device
-from vdsr.inference import DEFAULT_TILE, model_upscaler, self_ensemble
 
 DEVICE = "auto"  # cuda when present; evaluation runs in float32 either way
 TILE = DEFAULT_TILE  # network input tiles of 512 px (+ receptive-field margin): bounded memory, same output

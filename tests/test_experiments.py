@@ -242,7 +242,7 @@ def test_queued_experiments_in_parallel_share_one_store(tiny_repo):
     try:  # Poll with git, which is cheap: a finished experiment is a ref. Ask DVC now and then.
         for tick in itertools.count():
             refs = run_checked(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout
-            finished = {name for name in experiments if re.search(rf"/{re.escape(name)}$", refs, re.M)}
+            finished = {name for name in experiments if re.search(rf"/{re.escape(name)}$", refs, re.MULTILINE)}
             stuck = None
             if finished == set(experiments) or tick % 10 == 9:
                 status = queue_status(repo, env)
