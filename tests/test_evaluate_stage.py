@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_child
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from vdsr import paper, tracking
-from vdsr.evaluate import evaluate_folder, summary
-from vdsr.models import ModelConfig, build_model, save_model
-from vdsr.evaluate import to_uint8
+from vdsr.evaluate import evaluate_folder, summary, to_uint8
 from vdsr.inference import load_upscaler, model_upscaler, predict_window, predict_y
-
-from conftest import run_child
+from vdsr.models import ModelConfig, build_model, save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = REPO_ROOT / "stages"
@@ -76,6 +74,10 @@ def test_evaluate_stage_scores_every_image_and_completes_the_run(workspace: Path
     assert sorted(results["sets"]["Set5"]["x4"]["images"]) == ["baby", "bird", "butterfly", "head", "woman"]
     assert results["model"]["architecture"] == "vdsr" and results["seconds"]["Set5"] > 0
     assert results["threads"] >= 1 and results["device"] == "cpu"
+    # metrics/eval_vdsr.json, a DVC metrics file: the means only, model first (dvc exp show columns vdsr.Set5.x2.psnr)
+    means = json.loads((workspace / "metrics" / "eval_vdsr.json").read_text())
+    assert means == {"vdsr": {"Set5": summary(results["sets"]["Set5"])}}
+    assert list(means["vdsr"]["Set5"]) == ["x2", "x4"] and set(means["vdsr"]["Set5"]["x4"]) == {"psnr", "ssim"}
 
     run_info = json.loads((workspace / "models" / "vdsr.mlflow_run.json").read_text())
     assert run_info["tracking_uri"] == "sqlite:///mlflow.db"  # relative to the repository: no machine path
@@ -187,7 +189,7 @@ def test_an_experiment_that_skips_a_model_leaves_the_earlier_run_as_it_was(works
     new_report = (workspace / "reports" / "results.md").read_text()
     assert new_report != srcnn_report
     experiment = srcnn.info.experiment_id
-    [new] = client.search_runs([experiment], "tags.`pipeline.source_run_id` = '%s'" % first["srcnn"])
+    [new] = client.search_runs([experiment], f"tags.`pipeline.source_run_id` = '{first['srcnn']}'")
     assert new.info.run_name == "srcnn second report" and new.info.status == "FINISHED"
     assert new.data.tags["dvc.exp_name"] == "second" and new.data.tags["pipeline.run_id"] == "pipeline-2"
     assert new.data.tags["stage"] == "report" and new.data.tags["pipeline.model"] == "srcnn"
