@@ -85,3 +85,21 @@ def test_the_import_walk_sees_function_level_imports(tmp_path: Path) -> None:
     """The walk itself: a function-level import counts, a TYPE_CHECKING one does not."""
     assert "vdsr/upscale.py" in _imports(REPO_ROOT / "vdsr" / "cli.py")  # imported inside functions there
     assert "vdsr/train.py" not in _imports(REPO_ROOT / "vdsr" / "checkpoints.py")  # TYPE_CHECKING only
+
+
+def test_evaluate_writes_the_metrics_file_dvc_yaml_declares() -> None:
+    """evaluate@<name>'s ``metrics:`` entry is the file stages/evaluate.py writes, not cached (git keeps it)."""
+    import importlib.util
+    import sys
+
+    body = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["do"]
+    declared = {path: options for entry in body["metrics"] for path, options in entry.items()}
+    sys.path.insert(0, str(REPO_ROOT / "stages"))  # the stage imports its neighbour `paths`
+    try:
+        spec = importlib.util.spec_from_file_location("evaluate_stage", REPO_ROOT / "stages" / "evaluate.py")
+        stage = sys.modules["evaluate_stage"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(stage)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "stages"))
+        sys.modules.pop("evaluate_stage", None)
+    assert declared == {stage.metrics_path("${key}").as_posix(): {"cache": False}}, declared

@@ -176,3 +176,25 @@ def test_page_command_has_a_shape_its_program_accepts(line):
             assert args[2:] and args[2] in preset_names(), part
         elif program == "git":
             assert args[0] == "checkout" and all((REPO_ROOT / path).is_file() for path in args[1:]), part
+
+
+def test_the_documented_drop_keeps_the_set5_psnr_of_each_evaluation():
+    """The page's ``dvc exp show --drop`` regexes, matched as DVC matches them (``re.match`` of the
+    joined patterns, dvc/commands/experiments/show.py), against the columns of both models'
+    metrics, params and deps: only ``<model>.Set5.x2/x4.psnr`` (metrics/eval_<model>.json) and the
+    params are left, whatever the model's name."""
+    line = next(line for line in bash_lines() if line.startswith("dvc exp show --only-changed"))
+    words = shlex.split(line)
+    drop = re.compile("|".join(words[i + 1] for i, word in enumerate(words) if word == "--drop"))
+    models, sets, scales = ("vdsr", "srcnn", "vdsr_wide"), ("Set5", "Set14", "B100", "Urban100"), ("x2", "x3", "x4")
+    report = [f"{s}.{k}.{m}.{v}" for s in sets for k in scales for m in ("bicubic", *models)
+              for v in ("psnr", "ssim", "paper_psnr", "paper_ssim", "psnr_vs_paper")]
+    evaluation = [f"{m}.{s}.{k}.{v}" for m in models for s in sets for k in scales for v in ("psnr", "ssim")]
+    train = [f"metrics/train_{m}.json:{key}" for m in models
+             for key in ("epochs", "wall_time_s", "patches_per_s", "val_psnr_x2", "train_loss")]
+    train += ["epochs", "wall_time_s", "patches_per_s", "val_psnr_x2", "val_psnr_x4", "train_loss"]  # one model
+    deps = ["data/raw", "data/prepared", "models/vdsr.pt", "models", "results", "stages/train.py",
+            "vdsr/models.py", "plots/train_vdsr.csv", "metrics"]
+    params = ["train.vdsr.lr", "train.vdsr_wide.width", "evaluate.sets", "prepare.train_sets"]
+    kept = [column for column in ["Created", *report, *evaluation, *train, *deps, *params] if not drop.match(column)]
+    assert kept == [f"{m}.Set5.{k}.psnr" for m in models for k in ("x2", "x4")] + params, kept
