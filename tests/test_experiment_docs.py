@@ -198,3 +198,47 @@ def test_the_documented_drop_keeps_the_set5_psnr_of_each_evaluation():
     params = ["train.vdsr.lr", "train.vdsr_wide.width", "evaluate.sets", "prepare.train_sets"]
     kept = [column for column in ["Created", *report, *evaluation, *train, *deps, *params] if not drop.match(column)]
     assert kept == [f"{m}.Set5.{k}.psnr" for m in models for k in ("x2", "x4")] + params, kept
+
+
+# --- the MLflow link (README, docs/mlflow.md, docs/experiments.md, the Makefile's smoke target) ------------------
+
+DASHBOARD = re.compile(r"http://127\.0\.0\.1:5000/#/experiments/1\?[^\s`\"]+")
+
+
+def test_the_dashboard_link_opens_the_evaluated_runs_best_first(tmp_path):
+    """One link everywhere; a real ``mlflow server`` serves its page (HTTP 200) and answers the run
+    search the page sends for it (the link's ``searchFilter``, ``orderByKey`` and ``orderByAsc``, as
+    MLflow 3.17's UI turns them into ``runs/search``): the runs with a Set5 evaluation, best x2 first."""
+    import urllib.parse
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import MlflowServer, rest
+
+    links = {name: set(DASHBOARD.findall((REPO_ROOT / name).read_text()))
+             for name in ("README.md", "docs/mlflow.md", "docs/experiments.md", "Makefile")}
+    assert all(len(found) == 1 for found in links.values()) and len(set.union(*links.values())) == 1, links
+    [link] = links["README.md"]
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).fragment.split("?", 1)[1], strict_parsing=True)
+    assert set(query) == {"searchFilter", "orderByKey", "orderByAsc", "workflowType"}, query
+    assert query["orderByKey"] == ["metrics.`eval/Set5/x2/psnr`"] and query["orderByAsc"] == ["false"], query
+
+    folder = tmp_path / "mlflow-server"
+    folder.mkdir()
+    client = MlflowClient(f"sqlite:///{(folder / 'mlflow.db').as_posix()}")  # the store the server opens
+    experiment = client.create_experiment("vdsr", artifact_location=(folder / "artifacts").as_uri())
+    assert experiment == "1"  # the link's experiment: the first one of a new store
+    runs = {"vdsr lr-small": 30.1, "vdsr lr-large": 30.4, "srcnn base": 29.2, "vdsr lr-large report": None}
+    for name, psnr in runs.items():
+        run = client.create_run(experiment, run_name=name)
+        if psnr is not None:  # what the evaluate stage logs; a report of its own run has none
+            client.log_metric(run.info.run_id, "eval/Set5/x2/psnr", psnr)
+        client.set_terminated(run.info.run_id)
+    with MlflowServer(folder, timeout_s=300) as server:  # ~10-15 s idle, minutes beside a training
+        page = server.url + link.removeprefix("http://127.0.0.1:5000")
+        with urllib.request.urlopen(page, timeout=60) as response:  # the fragment stays in the browser
+            assert response.status == 200 and b"<html" in response.read().lower()
+        order = f"{query['orderByKey'][0]} {'ASC' if query['orderByAsc'] == ['true'] else 'DESC'}"
+        found = rest(server.url, "runs/search", body={"experiment_ids": [experiment], "filter": query["searchFilter"][0],
+                                                      "order_by": [order]}, timeout_s=60)["runs"]
+    assert [run["info"]["run_name"] for run in found] == ["vdsr lr-large", "vdsr lr-small", "srcnn base"], found
