@@ -20,7 +20,7 @@ import yaml
 from conftest import load_script, run_child
 
 from vdsr import evaluate, recipe
-from vdsr.checkpoints import CheckpointRefused
+from vdsr.checkpoints import CheckpointRefused, aside_dir_of
 from vdsr.config import ParamsError, from_dict
 from vdsr.images import list_images, read_image
 from vdsr.models import ModelConfig, build_model, load_model
@@ -383,6 +383,23 @@ def test_stage_section_is_the_library_recipe_with_keys_named(tmp_path):
             stage.load_model_section("vdsr", params)
     with pytest.raises(ParamsError, match=re.escape("min_lr: expected a number in [0, lr]")):
         recipe.TrainParams(**{**section, "min_lr": 1.0})  # built directly, the same checks
+
+
+def test_section_gives_the_network_and_the_recipe():
+    """TrainParams.model_config: VDSR as given, SRCNN always 3 layers; train_config: the recipe's keys."""
+    section = repo_train_section()
+    vdsr_section = recipe.TrainParams(**{**section, "depth": 7, "width": 16})
+    assert vdsr_section.model_config() == ModelConfig("vdsr", 7, 16)
+    srcnn_section = recipe.TrainParams(**{**section, "model": "srcnn", "depth": 7, "width": 16})
+    assert srcnn_section.model_config() == ModelConfig("srcnn", 3, 16)
+    config = vdsr_section.train_config()
+    assert isinstance(config, TrainConfig)
+    assert dataclasses.asdict(config) == {key: section[key] for key in dataclasses.asdict(config)}
+    assert not hasattr(config, "device") and config.lr == section["lr"]
+
+
+def test_aside_folder_is_beside_the_checkpoint_folder():
+    assert aside_dir_of(Path("checkpoints/vdsr/last.pt")) == Path("checkpoints/vdsr.aside")
 
 
 def test_stage_end_to_end(prepared_set5_dir, tmp_path):

@@ -1,9 +1,10 @@
 """A training's MLflow run and the record it leaves, as the train stage makes them (rank 0).
 
-:func:`train_and_record` runs the training inside its MLflow run (:func:`vdsr.tracking.training_run`:
+:func:`train_and_record` runs the training inside its MLflow run (:func:`vdsr.tracking.training_run`,
 tagged with the provenance, the runtime and the data's hashes; ended KILLED when stopped by a
-signal, FAILED on an error) and then writes the record (:func:`write_record`). Its files: the model file with its meta (:func:`vdsr.checkpoints.stage_meta`: seed, data hashes, git
-commit, the params section as given, the history, the runs of the training), the summary metrics
+signal, FAILED on an error), then writes the record (:func:`write_record`): the model file with
+its meta (:func:`vdsr.checkpoints.stage_meta`: seed, data hashes, git commit, the params section
+as given, the history, the runs of the training), the summary metrics
 (:func:`vdsr.train.summary_metrics`, JSON), the history as a CSV for ``dvc plots`` (one row per
 epoch: ``epoch``, ``train_loss``, ``lr``, one ``val_psnr_x<s>`` per validated scale) and the
 MLflow run's record (``{"run_id", "started_run_id", "tracking_uri"}``). Logged to the run: the
