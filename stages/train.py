@@ -10,8 +10,8 @@ the same prepared data (the sha256 of train.h5 and val.h5, whatever DVC thinks o
 cannot be resumed stops the stage, with the reasons, before an MLflow run or any step;
 ``VDSR_START_OVER=1`` (``VDSR_START_OVER=1 dvc repro``) moves it aside to a dated name instead,
 ``checkpoints/<name>.aside/last.<YYYYmmdd-HHMM>.pt``, and trains from scratch. It never deletes one.
-The folder is beside ``checkpoints/<name>``, not in it: DVC's record of that output stays the
-training's own (``dvc status`` is not changed by a checkpoint set aside), and a model name has no dot.
+The folder is beside ``checkpoints/<name>`` (:func:`vdsr.checkpoints.aside_dir_of`): DVC's record
+of that output stays the training's own.
 
 Time and interrupts: after the first steps the stage says how long the whole run will take at
 the measured speed (and warns when that is days on a CPU). Ctrl-C or SIGTERM stops after the
@@ -26,34 +26,28 @@ batch; rank 0 alone logs to MLflow and writes the outputs (README, "Multi-GPU an
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import logging
 import os
 import re
 import shlex
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import fields
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from paths import ModelPaths
-from vdsr import provenance, tracking
-from vdsr.checkpoints import CheckpointError, checkpoint_to_resume, stage_meta, write_model_file
+
+from vdsr.checkpoints import CheckpointError, aside_dir_of, checkpoint_to_resume
 from vdsr.config import ParamsError, load_params, require
 from vdsr.distributed import World, process_device, process_group, torchrun_world
-from vdsr.io import error_message, sha256_file, write_json_atomic, write_text_atomic
-from vdsr.models import ModelConfig, ModelFileError, build_model, count_parameters, receptive_field
+from vdsr.io import error_message, sha256_file
+from vdsr.models import ModelFileError, build_model, count_parameters, receptive_field
 from vdsr.prepare import load_patches, load_validation, patch_size_of
 from vdsr.recipe import TrainParams, load_model_section
 from vdsr.runtime import Runtime, resolve_runtime
-from vdsr.train import StopRequest, TrainConfig, TrainingInterrupted, TrainResult, summary_metrics, train
+from vdsr.train import StopRequest, TrainingInterrupted, TrainResult, train
+from vdsr.train_record import train_and_record
 
 log = logging.getLogger("stages.train")
 
@@ -62,6 +56,8 @@ TRAIN_FILE = Path("data/prepared/train.h5")
 VAL_FILE = Path("data/prepared/val.h5")
 TORCHRUN_ENV = "VDSR_TORCHRUN"  # torchrun options; when set, the stage relaunches itself under torchrun
 START_OVER_ENV = "VDSR_START_OVER"  # 1: a checkpoint that cannot be resumed is moved aside, not refused
+START_OVER = (f"run the same command again with {START_OVER_ENV}=1 (`{START_OVER_ENV}=1 dvc repro`, "
+              f"`{START_OVER_ENV}=1 dvc exp run ...`)")  # how to, in the message of a refused checkpoint
 
 
 def start_over_requested(environ: Mapping[str, str] = os.environ) -> bool:
@@ -71,16 +67,6 @@ def start_over_requested(environ: Mapping[str, str] = os.environ) -> bool:
     require(value in ("", "0", "1"), START_OVER_ENV,
             "1 (move a checkpoint that cannot be resumed aside and train from scratch) or 0", value)
     return value == "1"
-
-
-def write_plot_csv(path: Path, history: list[dict[str, float]]) -> None:
-    """plots/train.csv: epoch, train_loss, lr and one val_psnr_x<s> column per validated scale."""
-    columns = ["epoch", "train_loss", "lr", *sorted(k for k in history[0] if k.startswith("val_psnr_x"))]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(path, buffer.getvalue())
 
 
 def relaunch_under_torchrun(options: str) -> None:
@@ -136,100 +122,42 @@ def train_stage(name: str, world: World, stop: Callable[[], bool] | None = None)
         train_and_write(name, p, world, runtime, stop)
 
 
-def aside_dir(checkpoint: Path) -> Path:
-    """Where checkpoints/<name>/last.pt goes when set aside: checkpoints/<name>.aside/."""
-    return checkpoint.parent.with_name(f"{checkpoint.parent.name}.aside")
-
-
-def check_checkpoint(path: Path, model_config: ModelConfig, config: TrainConfig, data_id: str,
-                     start_over: bool) -> None:
-    """Refuse a checkpoint that cannot be resumed (:class:`vdsr.checkpoints.CheckpointRefused`, naming
-    ``VDSR_START_OVER``), or with ``start_over`` move it to :func:`aside_dir`
-    (:func:`vdsr.checkpoints.checkpoint_to_resume`)."""
-    way_out = (f"run the same command again with {START_OVER_ENV}=1 (`{START_OVER_ENV}=1 dvc repro`, "
-               f"`{START_OVER_ENV}=1 dvc exp run ...`)")
-    checkpoint_to_resume(path, model_config, config, data_id, start_over=start_over, way_out=way_out,
-                         data_name=f"sha256 of {TRAIN_FILE} + {VAL_FILE.name}", aside_dir=aside_dir(path))
-
-
 def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
                     stop: Callable[[], bool] | None = None) -> None:
     """Check the recipe against the data, train (every process its share) and, on rank 0, log the
-    run to MLflow and write the stage's outputs."""
+    run to MLflow and write the stage's outputs (:func:`vdsr.train_record.train_and_record`)."""
     out = ModelPaths(name)
     start_over = start_over_requested()
-    # SRCNN is always 9-5-5; train.width sets its n1 (64: the paper's 64/32 channels).
     if p.model == "srcnn":
         log.info("model srcnn: train.depth (%d) is not used, SRCNN has 3 layers (9-5-5)", p.depth)
-    model_config = ModelConfig(name=p.model, depth=p.depth if p.model == "vdsr" else 3, width=p.width)
-    config = TrainConfig(**{field.name: getattr(p, field.name) for field in fields(TrainConfig)})
-
-    patch_size = patch_size_of(TRAIN_FILE)  # checked before the patches are loaded
-    field = receptive_field(model_config)
+    model_config, config = p.model_config(), p.train_config()
+    patch_size, field = patch_size_of(TRAIN_FILE), receptive_field(model_config)  # before the patches are loaded
     require(field <= patch_size, f"train.{name}.depth",
             f"a model whose receptive field ({field} px) fits the {patch_size} px patches of {TRAIN_FILE} "
             f"(prepare.patch_size; VDSR's is 2 x depth + 1)", p.depth)
     train_sha256, val_sha256 = sha256_file(TRAIN_FILE), sha256_file(VAL_FILE)
     data_id = f"{train_sha256}+{val_sha256}"  # the content, not DVC's view of it (size, mtime)
     if world.rank == 0:  # train() checks again; here it stops before loading the patches or opening a run
-        check_checkpoint(out.checkpoint, model_config, config, data_id, start_over)
+        checkpoint_to_resume(out.checkpoint, model_config, config, data_id, start_over=start_over, way_out=START_OVER,
+                             data_name=f"sha256 of {TRAIN_FILE} + {VAL_FILE.name}", aside_dir=aside_dir_of(out.checkpoint))
     patches = load_patches(TRAIN_FILE)
     validation = load_validation(VAL_FILE)
     log.info("loaded %d patches of %dx%d from %s (scales %s), validation %s from %s",
              len(patches.lr), *patches.lr.shape[2:], TRAIN_FILE, sorted(set(patches.scale.tolist())),
              {f"x{s}": len(images) for s, images in validation.items()}, VAL_FILE)
-    log.info("%s: %d parameters, receptive field %d px", model_config,
-             count_parameters(build_model(model_config)), receptive_field(model_config))
+    log.info("%s: %d parameters, receptive field %d px", model_config, count_parameters(build_model(model_config)), field)
 
     def fit(**callbacks: Any) -> TrainResult:
-        return train(
-            patches.lr, patches.hr, validation, model_config, config, runtime=runtime,
-            checkpoint_path=out.checkpoint, checkpoint_every_s=p.checkpoint_minutes * 60 or None,
-            data_id=data_id, stop=stop, **callbacks,
-        )
+        return train(patches.lr, patches.hr, validation, model_config, config, runtime=runtime,
+                     checkpoint_path=out.checkpoint, checkpoint_every_s=p.checkpoint_minutes * 60 or None,
+                     data_id=data_id, stop=stop, **callbacks)
 
     if world.rank != 0:  # the other processes train their share of each batch and write nothing
         fit()
         return
-    tags = {**provenance.reproducibility_tags(Path.cwd(), runtime.device), **runtime.tags(), "stage": "train",
-            "data.train_sha256": train_sha256, "data.val_sha256": val_sha256, "processes": str(world.size),
-            "pipeline.model": name, "pipeline.architecture": p.model, "pipeline.run_id": provenance.pipeline_run_id()}
-    started = time.perf_counter()
-    with _tracked(name, tags) as (run, chain, section):
-        try:
-            result = fit(on_start=chain.started, on_epoch_end=chain.log_epoch, checkpoint_extra=chain.extra)
-        except TrainingInterrupted as stopped:
-            run.set_tags({"stopped_after": str(stopped.position)})
-            run.end("KILLED")
-            raise
-        chain.log_earlier_epochs(result.history[: result.resumed_from])  # epochs of an earlier, interrupted run
-        metrics = summary_metrics(result.history)
-        meta = stage_meta(mlflow_run_id=run.run_id or run.started_run_id, seed=p.seed, history=result.history,
-                          train_sha256=train_sha256, val_sha256=val_sha256, tags=tags, params=section,
-                          metrics=metrics, mlflow_runs=chain.runs, warm_start=result.checkpoint_extra.get("warm_start"))
-        write_model_file(out.model, result.model, model_config, meta)
-        write_json_atomic(out.train_metrics, metrics)
-        write_plot_csv(out.train_plot, result.history)
-        write_json_atomic(out.mlflow_run, run.record())  # started_run_id: the run on the store even if tracking failed
-        run.log_artifact(out.train_metrics, artifact_path="metrics")
-        run.log_artifact(out.train_plot, artifact_path="plots")
-        run.log_model(result.model, input_example=np.asarray(patches.lr[:2], dtype=np.float32))
-    log.info("train: %s", ", ".join(f"{key} {value}" for key, value in metrics.items()))
-    log.info("wrote %s, %s, %s, %s and %s in %.0f s (mlflow run %s at %s)", out.model, out.train_metrics,
-             out.train_plot, out.mlflow_run, out.checkpoint, time.perf_counter() - started, run.run_id, run.tracking_uri)
-
-
-@contextlib.contextmanager
-def _tracked(name: str, tags: dict[str, str]) -> Iterator[tuple[tracking.Run, tracking.TrainingChain, dict]]:
-    """The MLflow run of training ``name``, logged with params.yaml as given (this model's section as
-    ``train.<key>``, and the other stages' sections, not the other models'), the chain of runs it
-    continues, and this model's section."""
-    all_params = load_params(PARAMS_FILE)
-    section = all_params["train"][name]
-    run_params = {**{key: value for key, value in all_params.items() if key != "train"}, "train": section}
-    with tracking.start_run(repo_root=Path.cwd(), params=run_params, tags=tags, run_name=tracking.run_name(name)) as run:
-        yield run, tracking.TrainingChain(run, ModelPaths(name).checkpoint), section
-
+    train_and_record(fit, out, name=name, recipe=p, model_config=model_config, runtime=runtime, processes=world.size,
+                     data_sha256=(train_sha256, val_sha256), params=load_params(PARAMS_FILE),
+                     input_example=patches.lr[:2])
 
 
 if __name__ == "__main__":

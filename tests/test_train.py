@@ -17,16 +17,22 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import load_script, run_child
+
 from vdsr import evaluate, recipe
-from vdsr.checkpoints import CheckpointRefused
+from vdsr.checkpoints import CheckpointRefused, aside_dir_of
 from vdsr.config import ParamsError, from_dict
 from vdsr.images import list_images, read_image
-from vdsr.models import ModelConfig, load_model
-from vdsr.prepare import load_patches, load_validation, write_training_set, write_validation_set
+from vdsr.models import ModelConfig, build_model, load_model
+from vdsr.prepare import (
+    load_patches,
+    load_validation,
+    write_training_set,
+    write_validation_set,
+)
 from vdsr.train import (
     TrainConfig,
+    TrainingInterrupted,
     augment,
     batch_order,
     clip_gradients,
@@ -35,10 +41,7 @@ from vdsr.train import (
     sr_loss,
     step_decay_lr,
     train,
-    TrainingInterrupted,
 )
-from vdsr.models import build_model
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig("vdsr", depth=3, width=8)
@@ -46,8 +49,9 @@ QUICK = TrainConfig(lr=0.1, epochs=3, batch_size=8, steps_per_epoch=3, seed=7)  
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, set5_dir):
-    """Set5 cut as the prepare stage does: 41x41 patches at x2 and x3, and whole validation images."""
+def prepared_set5_dir(tmp_path_factory, set5_dir) -> Path:
+    """A folder with train.h5 and val.h5, Set5 cut as the prepare stage does: 41x41 patches at x2
+    and x3, and whole validation images."""
     folder = tmp_path_factory.mktemp("prepared")
     images = sorted(set5_dir.iterdir())
     write_training_set(images, folder / "train.h5", scales=[2, 3], downsizing=[1.0], patch_size=41, stride=41)
@@ -55,13 +59,29 @@ def data(tmp_path_factory, set5_dir):
     return folder
 
 
-@pytest.fixture(scope="module")
-def small(data):
-    """64 patches and two small validation images: enough to exercise the loop in a second."""
-    patches = load_patches(data / "train.h5")
-    validation = load_validation(data / "val.h5")
+def first_patches(prepared: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(lr, hr, validation)``: the first 64 patches of ``prepared``/train.h5 and two small x2
+    validation images (bird, butterfly): enough to exercise the loop in a second."""
+    patches = load_patches(prepared / "train.h5")
+    validation = load_validation(prepared / "val.h5")
     keep = {"bird", "butterfly"}
     return patches.lr[:64], patches.hr[:64], {2: [v for v in validation[2] if v[0] in keep]}
+
+
+@pytest.fixture(scope="module")
+def tiny_set5_arrays(prepared_set5_dir):
+    """:func:`first_patches` of :func:`prepared_set5_dir`, loaded."""
+    return first_patches(prepared_set5_dir)
+
+
+# The old names, which tests/test_release.py imports (`from test_train import data, small`); to be
+# removed once it imports the two fixtures above instead.
+data = prepared_set5_dir
+
+
+@pytest.fixture(scope="module")
+def small(data):
+    return first_patches(data)
 
 
 # --- pure functions -----------------------------------------------------------------------------
@@ -130,10 +150,10 @@ def test_batches_are_permutations_from_seed_and_epoch():
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def test_learns_to_beat_bicubic_on_set5_x2(data, set5_dir):
-    patches = load_patches(data / "train.h5")
+def test_learns_to_beat_bicubic_on_set5_x2(prepared_set5_dir, set5_dir):
+    patches = load_patches(prepared_set5_dir / "train.h5")
     x2 = patches.scale == 2
-    validation = {2: load_validation(data / "val.h5")[2]}
+    validation = {2: load_validation(prepared_set5_dir / "val.h5")[2]}
     # The paper's recipe (SGD, momentum, weight decay, lr 0.1, adjustable clipping) with theta 1e-4:
     # with theta 1e-2 or 1e-3 this small net hovers around bicubic (see 'Theta' in vdsr/train.py).
     config = TrainConfig(clip_theta=1e-4, epochs=3, batch_size=16, seed=0)
@@ -154,8 +174,8 @@ def test_learns_to_beat_bicubic_on_set5_x2(data, set5_dir):
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
 
 
-def test_cpu_runs_are_bit_identical(small):
-    lr, hr, validation = small
+def test_cpu_runs_are_bit_identical(tiny_set5_arrays):
+    lr, hr, validation = tiny_set5_arrays
     first = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False)
     second = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False)
     timing = ("time_s", "patches_per_s", "elapsed_s")
@@ -171,8 +191,8 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_interruption_gives_the_same_result(small, tmp_path):
-    lr, hr, validation = small
+def test_resume_after_interruption_gives_the_same_result(tiny_set5_arrays, tmp_path):
+    lr, hr, validation = tiny_set5_arrays
     whole = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False,
                   checkpoint_path=tmp_path / "whole" / "last.pt", data_id="d")
 
@@ -201,10 +221,10 @@ def test_resume_after_interruption_gives_the_same_result(small, tmp_path):
     assert again.resumed_from == 3 and again.history == resumed.history
 
 
-def test_weight_average_is_the_moving_average_and_resumes_exactly(small, tmp_path):
+def test_weight_average_is_the_moving_average_and_resumes_exactly(tiny_set5_arrays, tmp_path):
     """ema_decay: the averaged copy equals the EMA recomputed from every step's weights, is what the
     run outputs and validates, and a run stopped mid-epoch resumes to the same average."""
-    lr, hr, validation = small
+    lr, hr, validation = tiny_set5_arrays
     decay = 0.9
     config = dataclasses.replace(QUICK, ema_decay=decay, epochs=2)
 
@@ -258,10 +278,10 @@ def test_ema_decay_is_checked():
         dataclasses.replace(QUICK, ema_decay=1.0)
 
 
-def test_checkpoint_of_other_settings_or_data_stops_training_and_is_kept(small, tmp_path, caplog):
+def test_checkpoint_of_other_settings_or_data_stops_training_and_is_kept(tiny_set5_arrays, tmp_path, caplog):
     """A checkpoint that cannot be resumed is never trained over: CheckpointRefused names why and
     leaves it byte for byte; start_over=True moves it aside to a dated name and trains from scratch."""
-    lr, hr, validation = small
+    lr, hr, validation = tiny_set5_arrays
     checkpoint = tmp_path / "last.pt"
     one_epoch = dataclasses.replace(QUICK, epochs=1)
     train(lr, hr, validation, TINY, one_epoch, device="cpu", progress=False, checkpoint_path=checkpoint, data_id="d")
@@ -305,8 +325,8 @@ def test_checkpoint_of_other_settings_or_data_stops_training_and_is_kept(small, 
     assert moved.read_text() == "garbage" and aside.read_bytes() == saved and len(list(tmp_path.iterdir())) == 3
 
 
-def test_non_finite_loss_stops_with_epoch_and_step(small):
-    lr, hr, validation = small
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_set5_arrays):
+    lr, hr, validation = tiny_set5_arrays
     lr = lr.copy()
     lr[:] = np.float16(np.nan)
     with pytest.raises(FloatingPointError, match=r"epoch 1, step 1/3: the loss is not finite"):
@@ -365,10 +385,27 @@ def test_stage_section_is_the_library_recipe_with_keys_named(tmp_path):
         recipe.TrainParams(**{**section, "min_lr": 1.0})  # built directly, the same checks
 
 
-def test_stage_end_to_end(data, tmp_path):
+def test_section_gives_the_network_and_the_recipe():
+    """TrainParams.model_config: VDSR as given, SRCNN always 3 layers; train_config: the recipe's keys."""
+    section = repo_train_section()
+    vdsr_section = recipe.TrainParams(**{**section, "depth": 7, "width": 16})
+    assert vdsr_section.model_config() == ModelConfig("vdsr", 7, 16)
+    srcnn_section = recipe.TrainParams(**{**section, "model": "srcnn", "depth": 7, "width": 16})
+    assert srcnn_section.model_config() == ModelConfig("srcnn", 3, 16)
+    config = vdsr_section.train_config()
+    assert isinstance(config, TrainConfig)
+    assert dataclasses.asdict(config) == {key: section[key] for key in dataclasses.asdict(config)}
+    assert not hasattr(config, "device") and config.lr == section["lr"]
+
+
+def test_aside_folder_is_beside_the_checkpoint_folder():
+    assert aside_dir_of(Path("checkpoints/vdsr/last.pt")) == Path("checkpoints/vdsr.aside")
+
+
+def test_stage_end_to_end(prepared_set5_dir, tmp_path):
     (tmp_path / "data" / "prepared").mkdir(parents=True)
     for name in ("train.h5", "val.h5"):
-        (tmp_path / "data" / "prepared" / name).symlink_to(data / name)
+        (tmp_path / "data" / "prepared" / name).symlink_to(prepared_set5_dir / name)
     section = {**repo_train_section(), "depth": 3, "width": 8, "epochs": 2, "batch_size": 8,
                "steps_per_epoch": 2, "device": "cpu"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"vdsr": section}}))
@@ -387,7 +424,7 @@ def test_stage_end_to_end(data, tmp_path):
     assert metrics["epochs"] == 2
     run = json.loads((tmp_path / "models" / "vdsr.mlflow_run.json").read_text())
     assert run["run_id"] and run["tracking_uri"] == "sqlite:///mlflow.db"  # relative: no machine path
-    model, config, meta = load_model(tmp_path / "models" / "vdsr.pt")
+    _, config, meta = load_model(tmp_path / "models" / "vdsr.pt")
     assert config == ModelConfig("vdsr", 3, 8)
     assert meta["mlflow_run_id"] == run["run_id"] and meta["seed"] == section["seed"] and meta["epochs"] == 2
     assert len(meta["train_data_sha256"]) == 64

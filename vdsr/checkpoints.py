@@ -239,6 +239,13 @@ def move_aside(path: Path, folder: Path | None = None) -> Path:
     raise FileExistsError(f"{path}: 999 checkpoints dated {stamp} in {folder} already; move some away")
 
 
+def aside_dir_of(checkpoint: Path) -> Path:
+    """Where the train stage moves a checkpoint ``checkpoints/<name>/last.pt`` that cannot be
+    resumed: ``checkpoints/<name>.aside/``, beside its folder and not in it, so that the folder
+    (a pipeline output) holds only the training's own files; a model name has no dot."""
+    return checkpoint.parent.with_name(f"{checkpoint.parent.name}.aside")
+
+
 def checkpoint_to_resume(
     path: Path, model_config: ModelConfig, config: TrainConfig, data_id: str, *, start_over: bool = False,
     way_out: str | None = None, data_name: str = "data_id", aside_dir: Path | None = None,

@@ -14,13 +14,13 @@ the last keys say how training runs (device, precision, layout, compilation, che
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from vdsr.config import ParamsError, from_dict, load_params, require, require_field
+from vdsr.models import ModelConfig
 from vdsr.runtime import COMPILE_MODES
-
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 CLIP_MODES = ("adjustable", "norm", "none")
@@ -132,6 +132,15 @@ class TrainParams:
                       "auto, cpu, cuda or cuda:N", self.device)
         require_field(self.checkpoint_minutes >= 0, "checkpoint_minutes", "a number >= 0 (0: at epoch ends only)",
                       self.checkpoint_minutes)
+
+    def model_config(self) -> ModelConfig:
+        """The network of this section. SRCNN is always 9-5-5 (3 layers, ``depth`` unused);
+        ``width`` sets its n1 (64: the paper's 64/32 channels)."""
+        return ModelConfig(name=self.model, depth=self.depth if self.model == "vdsr" else 3, width=self.width)
+
+    def train_config(self) -> TrainConfig:
+        """The recipe part of this section (the keys :class:`TrainConfig` has)."""
+        return TrainConfig(**{field.name: getattr(self, field.name) for field in fields(TrainConfig)})
 
 
 def train_sections(params: dict[str, Any], where: str) -> dict[str, Any]:

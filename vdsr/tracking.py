@@ -708,6 +708,18 @@ class TrainingChain:
             self.log_epoch(int(row["epoch"]), row)
 
 
+@contextlib.contextmanager
+def training_run(*, repo_root: Path, params: dict[str, Any], model: str, tags: dict[str, str],
+                 checkpoint: Path) -> Iterator[tuple[Run, TrainingChain]]:
+    """The MLflow run of training ``model`` (:func:`start_run`, named :func:`run_name`) and the
+    :class:`TrainingChain` it continues from ``checkpoint``; ended when the block ends (FAILED on
+    an error). Logs ``params`` (all of params.yaml, as given) with this model's section as
+    ``train.<key>`` and the other stages' sections, not the other models'."""
+    run_params = {**{key: value for key, value in params.items() if key != "train"}, "train": params["train"][model]}
+    with start_run(repo_root=repo_root, params=run_params, tags=tags, run_name=run_name(model)) as run:
+        yield run, TrainingChain(run, checkpoint)
+
+
 def dashboard_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The page of a run (or of the experiment) in the MLflow UI, opened on model training.
 
