@@ -22,7 +22,7 @@ from vdsr.models import ModelConfig, load_model
 from vdsr.train import TrainConfig, train
 from vdsr.inference import model_upscaler
 
-from test_train import data, small  # noqa: F401  (fixtures: Set5 patches)
+from test_train import prepared_set5_dir, tiny_set5_arrays  # noqa: F401  (fixtures: Set5 patches)
 
 SHIPPED = REPO_ROOT / "pretrained"
 TINY = ModelConfig("vdsr", depth=3, width=8)
@@ -60,9 +60,9 @@ def test_released_weights_reproduce_their_card_on_set5(set5_dir: Path, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def tiny_training(small, tmp_path_factory):  # noqa: F811
+def tiny_training(tiny_set5_arrays, tmp_path_factory):  # noqa: F811
     """A tiny cosine run interrupted after 2 of 3 epochs: its checkpoint, and the uninterrupted run."""
-    lr, hr, validation = small
+    lr, hr, validation = tiny_set5_arrays
     folder = tmp_path_factory.mktemp("tiny")
     whole = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False,
                   checkpoint_path=folder / "whole.pt", data_id="d")
@@ -121,7 +121,7 @@ def test_publish_writes_a_loadable_release_only_when_better(
     assert list(json.loads((out / release.EVAL_FILE).read_text())["model"]) == ["Set5", "Set14"]
 
 
-def test_warm_start_continues_the_release_where_it_stopped(tiny_training, small, tmp_path: Path, set5_dir) -> None:  # noqa: F811
+def test_warm_start_continues_the_release_where_it_stopped(tiny_training, tiny_set5_arrays, tmp_path: Path, set5_dir) -> None:  # noqa: F811
     folder, whole = tiny_training
     out = tmp_path / "pretrained"
     release.publish(folder / "cut.pt", workspace_with(set5_dir, tmp_path / "ws"), out, ["Set5"])
@@ -134,7 +134,7 @@ def test_warm_start_continues_the_release_where_it_stopped(tiny_training, small,
     with pytest.raises(FileExistsError, match="checkpoint exists"):
         release.warm_start(out / release.MODEL_FILE, checkpoint)
 
-    lr, hr, validation = small
+    lr, hr, validation = tiny_set5_arrays
     resumed = train(lr, hr, validation, TINY, QUICK, device="cpu", progress=False, checkpoint_path=checkpoint,
                     data_id="d")
     assert resumed.resumed_from == 2 and [row["epoch"] for row in resumed.history] == [1, 2, 3]
@@ -171,7 +171,7 @@ def test_publish_names_a_file_it_cannot_read(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.pt").exists()
 
 
-def test_new_cycle_starts_a_new_recipe_from_the_released_weights(tiny_training, small, tmp_path: Path,  # noqa: F811
+def test_new_cycle_starts_a_new_recipe_from_the_released_weights(tiny_training, tiny_set5_arrays, tmp_path: Path,  # noqa: F811
                                                                   set5_dir: Path) -> None:
     """warm-start --new-cycle: step 0 of another recipe from a finished release's weights, the
     earlier training kept as the chain's first part; the averaged weights are what publish reads."""
@@ -189,7 +189,7 @@ def test_new_cycle_starts_a_new_recipe_from_the_released_weights(tiny_training, 
     for a, b in zip(payload["model"].values(), whole.model.state_dict().values()):
         assert torch.equal(a, b)  # the released weights, not a random init
 
-    lr, hr, validation = small
+    lr, hr, validation = tiny_set5_arrays
     result = train(lr, hr, validation, TINY, second, device="cpu", progress=False, checkpoint_path=checkpoint,
                    data_id="d")
     assert [row["epoch"] for row in result.history] == [1, 2] and "val_psnr_raw_x2" in result.history[0]
@@ -203,14 +203,14 @@ def test_new_cycle_starts_a_new_recipe_from_the_released_weights(tiny_training, 
 
 
 def test_publish_of_a_new_cycle_shows_the_chain_the_averaging_and_the_self_ensemble(
-        tiny_training, small, tmp_path: Path, set5_dir: Path) -> None:  # noqa: F811
+        tiny_training, tiny_set5_arrays, tmp_path: Path, set5_dir: Path) -> None:  # noqa: F811
     folder, whole = tiny_training
     first = tmp_path / "first"
     release.publish(folder / "whole.pt", workspace_with(set5_dir, tmp_path / "ws"), first, ["Set5"])
     second = TrainConfig(**{**QUICK.__dict__, "lr": 3e-4, "epochs": 2, "ema_decay": 0.5})
     checkpoint = tmp_path / "last.pt"
     release.warm_start(first / release.MODEL_FILE, checkpoint, new_cycle=second)
-    lr, hr, validation = small
+    lr, hr, validation = tiny_set5_arrays
     result = train(lr, hr, validation, TINY, second, device="cpu", progress=False, checkpoint_path=checkpoint,
                    data_id="d")
     out = tmp_path / "second"

@@ -74,16 +74,6 @@ def tiny_set5_arrays(prepared_set5_dir):
     return first_patches(prepared_set5_dir)
 
 
-# The old names, which tests/test_release.py imports (`from test_train import data, small`); to be
-# removed once it imports the two fixtures above instead.
-data = prepared_set5_dir
-
-
-@pytest.fixture(scope="module")
-def small(data):
-    return first_patches(data)
-
-
 # --- pure functions -----------------------------------------------------------------------------
 
 
