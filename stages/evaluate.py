@@ -40,22 +40,6 @@ TILE = DEFAULT_TILE  # network input tiles of 512 px (+ receptive-field margin):
 log = logging.getLogger("vdsr.stages.evaluate")
 
 
-def metrics_path(name: str) -> Path:
-    """``metrics/eval_<name>.json``, this stage's ``metrics:`` entry in dvc.yaml."""
-    return Path(f"metrics/eval_{name}.json")
-
-
-def experiment_metrics(name: str, table: dict[str, dict[str, dict[str, float]]]) -> dict:
-    """``{<name>: {set: {"x2": {"psnr", "ssim"}}}}``: the means, under the model's name first.
-
-    DVC names an ``exp show`` column by its key path; the model's name in front keeps each model's
-    columns (``vdsr.Set5.x2.psnr``) apart from the other models' and from the report's
-    ``metrics/eval.json`` (``Set5.x2.vdsr.psnr``): a key path in two files would be shown with its
-    file name in front (``metrics/eval.json:Set5.x2.vdsr.psnr``), too wide for the table.
-    """
-    return {name: table}
-
-
 @dataclass(frozen=True)
 class EvaluateParams:
     sets: list[str]  # folders of data/raw with HR test images
@@ -146,8 +130,11 @@ def evaluate_stage(out: ModelPaths) -> None:
             "sets": results,
             **({"self_ensemble_sets": plus, "seconds_self_ensemble": plus_seconds} if plus else {}),
         })
-        write_json_atomic(metrics_path(out.name), experiment_metrics(out.name, table))
-        log.info("evaluate %s: wrote %s and %s", out.name, out.results, metrics_path(out.name))
+        # Keyed model first: DVC names an `exp show` column by its key path, and a path found in two
+        # files is shown with its file name in front (too wide); `vdsr.Set5.x2.psnr` stays apart from the
+        # other models' and from the report's `Set5.x2.vdsr.psnr`.
+        write_json_atomic(out.eval_metrics, {out.name: table})
+        log.info("evaluate %s: wrote %s and %s", out.name, out.results, out.eval_metrics)
         metrics = {
             f"eval/{dataset}/{scale}/{name}": value  # e.g. eval/Set5/x2/psnr
             for dataset, by_scale in table.items()

@@ -40,5 +40,9 @@ class ModelPaths:
         return Path(f"plots/train_{self.name}.csv")
 
     @property
+    def eval_metrics(self) -> Path:  # written by evaluate@<name>: the means, a DVC metrics file keyed model first
+        return Path(f"metrics/eval_{self.name}.json")
+
+    @property
     def results(self) -> Path:  # written by evaluate@<name>: scores per set, scale and image, timings
         return RESULTS_DIR / f"{self.name}.json"

@@ -102,4 +102,4 @@ def test_evaluate_writes_the_metrics_file_dvc_yaml_declares() -> None:
     finally:
         sys.path.remove(str(REPO_ROOT / "stages"))
         sys.modules.pop("evaluate_stage", None)
-    assert declared == {stage.metrics_path("${key}").as_posix(): {"cache": False}}, declared
+    assert declared == {stage.ModelPaths("${key}").eval_metrics.as_posix(): {"cache": False}}, declared
