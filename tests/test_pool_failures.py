@@ -15,6 +15,7 @@ import itertools
 import multiprocessing
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,7 +75,13 @@ def failure(task, items: list[Path], stamp: Path) -> tuple[float, BaseException]
     with pytest.raises((ImageError, WorkerError)) as raised:
         with contextlib.closing(map_in_order(task, items, workers=2)) as heights:
             assert all(height == 48 for height in heights)
+    assert not pool_threads(), "the pool's manager thread outlived the failure (a race at exit)"
     return time.monotonic() - float(stamp.read_text()), raised.value
+
+
+def pool_threads() -> list[threading.Thread]:
+    """The ProcessPoolExecutor manager threads still alive in this process."""
+    return [thread for thread in threading.enumerate() if type(thread).__name__ == "_ExecutorManagerThread"]
 
 
 def report(what: str, seconds: list[float]) -> None:

@@ -55,6 +55,7 @@ PATCH_CHUNK = 64  # patches per HDF5 chunk: one training batch reads a few chunk
 START_METHOD = "spawn"  # workers are fresh interpreters: no threads, locks or open files inherited
 IN_FLIGHT_PER_WORKER = 2  # tasks submitted ahead per worker: enough to keep them busy, bounded memory
 WATCH_S = 1.0  # how often the consumer checks that no worker died unnoticed while it waits
+MANAGER_JOIN_S = 5.0  # the most a failure waits for the pool's manager thread to end (~ms)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -341,13 +342,20 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     the pipe's write end as well, so no end-of-file comes, the futures never complete and the
     interpreter cannot exit (it joins that thread). With every worker killed, closing our write
     end turns that wait into an end-of-file: the pool breaks, fails its futures and ends its thread.
+
+    That thread is then joined, for at most :data:`MANAGER_JOIN_S`: left running, it closes its
+    wake-up pipe while the interpreter's exit hook writes to it (no lock between them in 3.11), and
+    a refused stage would end with an ``OSError: Bad file descriptor`` traceback after its message.
     """
+    manager = getattr(pool, "_executor_manager_thread", None)  # private, as above; None once shut down
     for process in _workers(pool):
         process.kill()  # even in the middle of a task
     writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)  # private, as above
     if writer is not None:
         writer.close()
     pool.shutdown(wait=False, cancel_futures=True)
+    if manager is not None:
+        manager.join(MANAGER_JOIN_S)
 
 
 def _task_path(task: tuple[Path, dict]) -> str:
