@@ -29,18 +29,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from paths import ModelPaths
 
-from vdsr.checkpoints import CheckpointError, aside_dir_of, checkpoint_to_resume
+from vdsr.checkpoints import START_OVER, CheckpointError, aside_dir_of, checkpoint_to_resume, start_over_requested
 from vdsr.config import ParamsError, load_params, require
-from vdsr.distributed import World, process_device, process_group, torchrun_world
+from vdsr.distributed import World, process_device, process_group, relaunch_under_torchrun_if_asked, torchrun_world
 from vdsr.io import error_message, sha256_file
 from vdsr.models import ModelFileError, build_model, count_parameters, receptive_field
 from vdsr.prepare import load_patches, load_validation, patch_size_of
@@ -54,34 +53,13 @@ log = logging.getLogger("stages.train")
 PARAMS_FILE = Path("params.yaml")
 TRAIN_FILE = Path("data/prepared/train.h5")
 VAL_FILE = Path("data/prepared/val.h5")
-TORCHRUN_ENV = "VDSR_TORCHRUN"  # torchrun options; when set, the stage relaunches itself under torchrun
-START_OVER_ENV = "VDSR_START_OVER"  # 1: a checkpoint that cannot be resumed is moved aside, not refused
-START_OVER = (f"run the same command again with {START_OVER_ENV}=1 (`{START_OVER_ENV}=1 dvc repro`, "
-              f"`{START_OVER_ENV}=1 dvc exp run ...`)")  # how to, in the message of a refused checkpoint
-
-
-def start_over_requested(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether ``VDSR_START_OVER`` asks to move a checkpoint that cannot be resumed aside ("1"; "0"
-    or unset: stop instead); anything else is refused, so a typo does not decide."""
-    value = environ.get(START_OVER_ENV, "").strip()
-    require(value in ("", "0", "1"), START_OVER_ENV,
-            "1 (move a checkpoint that cannot be resumed aside and train from scratch) or 0", value)
-    return value == "1"
-
-
-def relaunch_under_torchrun(options: str) -> None:
-    """Replace this process by ``torchrun <options> stages/train.py`` (same interpreter and environment)."""
-    command = [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), *sys.argv]
-    print(f"train: {TORCHRUN_ENV} is set, relaunching: {shlex.join(command)}", file=sys.stderr, flush=True)
-    os.execv(sys.executable, command)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not re.fullmatch(r"[A-Za-z0-9_-]+", argv[0]):
         print(f"train: error: usage: python stages/train.py <name of a train section>, got {argv}", file=sys.stderr)
         return 2
-    if os.environ.get(TORCHRUN_ENV, "").strip() and "WORLD_SIZE" not in os.environ:
-        relaunch_under_torchrun(os.environ[TORCHRUN_ENV])
+    relaunch_under_torchrun_if_asked(os.environ, sys.argv)
     world = torchrun_world(os.environ)
     # Rank 0 speaks for all; the other processes report only warnings and errors.
     prefix = f"rank {world.rank}: " if world.rank else ""
@@ -107,13 +85,8 @@ def main(argv: list[str]) -> int:
 
 
 def train_stage(name: str, world: World, stop: Callable[[], bool] | None = None) -> None:
-    p = load_model_section(name)
-    if world.size > 1:
-        require(p.batch_size % world.size == 0, f"{PARAMS_FILE}: train.{name}.batch_size",
-                f"a multiple of the number of processes ({world.size}): each takes an equal share of a batch",
-                p.batch_size)
-        require(not p.device.startswith("cuda:"), f"{PARAMS_FILE}: train.{name}.device",
-                "auto, cuda or cpu under torchrun (each process uses cuda:LOCAL_RANK)", p.device)
+    p = load_model_section(name, PARAMS_FILE)
+    p.check_processes(f"{PARAMS_FILE}: train.{name}", world.size)
     device = process_device(p.device, world)
     if p.device == "auto" and device.type == "cpu":
         log.info("device auto: no CUDA GPU found, training on the CPU")
@@ -127,7 +100,7 @@ def train_and_write(name: str, p: TrainParams, world: World, runtime: Runtime,
     """Check the recipe against the data, train (every process its share) and, on rank 0, log the
     run to MLflow and write the stage's outputs (:func:`vdsr.train_record.train_and_record`)."""
     out = ModelPaths(name)
-    start_over = start_over_requested()
+    start_over = start_over_requested(os.environ)
     if p.model == "srcnn":
         log.info("model srcnn: train.depth (%d) is not used, SRCNN has 3 layers (9-5-5)", p.depth)
     model_config, config = p.model_config(), p.train_config()

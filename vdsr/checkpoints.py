@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import logging
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vdsr.config import require
 from vdsr.io import remove_stale_temporaries
 from vdsr.models import (
     ModelConfig,
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "vdsr-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: mid-epoch position (step, loss_sum); 1 (epoch ends only) is still read
+START_OVER_ENV = "VDSR_START_OVER"  # 1: a checkpoint that cannot be resumed is moved aside, not refused
+START_OVER = (f"run the same command again with {START_OVER_ENV}=1 (`{START_OVER_ENV}=1 dvc repro`, "
+              f"`{START_OVER_ENV}=1 dvc exp run ...`)")  # how to, in the message of a refused checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +249,15 @@ def aside_dir_of(checkpoint: Path) -> Path:
     resumed: ``checkpoints/<name>.aside/``, beside its folder and not in it, so that the folder
     (a pipeline output) holds only the training's own files; a model name has no dot."""
     return checkpoint.parent.with_name(f"{checkpoint.parent.name}.aside")
+
+
+def start_over_requested(environ: Mapping[str, str]) -> bool:
+    """Whether :data:`START_OVER_ENV` asks to move a checkpoint that cannot be resumed aside ("1";
+    "0" or unset: stop instead); anything else is refused, so a typo does not decide."""
+    value = environ.get(START_OVER_ENV, "").strip()
+    require(value in ("", "0", "1"), START_OVER_ENV,
+            "1 (move a checkpoint that cannot be resumed aside and train from scratch) or 0", value)
+    return value == "1"
 
 
 def checkpoint_to_resume(

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
+import shlex
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +23,7 @@ from vdsr.models import resolve_device
 # Long enough for rank 0's final writes (model file, MLflow model logging) while the others wait
 # at the closing barrier; the default (10 min on NCCL) could end a slow but healthy job.
 GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+TORCHRUN_ENV = "VDSR_TORCHRUN"  # torchrun options: a stage relaunches itself under torchrun with them
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,17 @@ class World:
     rank: int = 0  # 0 .. size - 1 over all nodes; rank 0 writes the outputs
     local_rank: int = 0  # on this node: the GPU it uses
     size: int = 1  # processes in all
+
+
+def relaunch_under_torchrun_if_asked(environ: Mapping[str, str], argv: list[str]) -> None:
+    """With :data:`TORCHRUN_ENV` set and no torchrun around this process yet, replace it by
+    ``python -m torch.distributed.run <options> <argv>`` (same interpreter and environment)."""
+    options = environ.get(TORCHRUN_ENV, "").strip()
+    if not options or "WORLD_SIZE" in environ:
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), *argv]
+    print(f"train: {TORCHRUN_ENV} is set, relaunching: {shlex.join(command)}", file=sys.stderr, flush=True)
+    os.execv(sys.executable, command)
 
 
 def torchrun_world(environ: Mapping[str, str]) -> World:

@@ -133,6 +133,17 @@ class TrainParams:
         require_field(self.checkpoint_minutes >= 0, "checkpoint_minutes", "a number >= 0 (0: at epoch ends only)",
                       self.checkpoint_minutes)
 
+    def check_processes(self, key: str, processes: int) -> None:
+        """:class:`ParamsError` naming ``<key>.<field>`` unless this section suits ``processes``
+        torchrun processes: each takes an equal share of a batch and its own GPU (cuda:LOCAL_RANK)."""
+        if processes == 1:
+            return
+        require(self.batch_size % processes == 0, f"{key}.batch_size",
+                f"a multiple of the number of processes ({processes}): each takes an equal share of a batch",
+                self.batch_size)
+        require(not self.device.startswith("cuda:"), f"{key}.device",
+                "auto, cuda or cpu under torchrun (each process uses cuda:LOCAL_RANK)", self.device)
+
     def model_config(self) -> ModelConfig:
         """The network of this section. SRCNN is always 9-5-5 (3 layers, ``depth`` unused);
         ``width`` sets its n1 (64: the paper's 64/32 channels)."""
