@@ -41,7 +41,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -387,8 +387,9 @@ def _valid_metric_name(name: str) -> bool:
     return posixpath.normpath(name) == name and name != "." and not name.startswith(("/", ".."))
 
 
-class Run:
-    """An MLflow run that turns into a no-op on the first failure instead of raising.
+class BestEffortRun:
+    """An MLflow run that turns into a no-op on the first failure instead of raising: its
+    lifecycle and that failure policy (:meth:`_call`); :class:`Run` adds what a stage logs.
 
     ``run_id`` is None when tracking is unavailable. Also a context manager: ``end("FAILED")`` on
     an exception (``end()`` for a run ``reopened`` by a later stage: its failure is not the
@@ -474,6 +475,52 @@ class Run:
 
         return MlflowClient(tracking_uri=self._uri)
 
+    @contextlib.contextmanager
+    def _activated(self) -> Iterator[None]:
+        """Make this run MLflow's active run in the process (``mlflow.pytorch`` logs to the active run)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self._uri)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            yield
+            return
+        with mlflow.start_run(run_id=self.run_id, nested=active is not None):
+            yield
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run ``status`` (FINISHED, FAILED, KILLED) and report anything that was not logged."""
+        if self._ended:
+            return
+        if self.active:
+            try:
+                import mlflow
+
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == self.run_id:
+                    mlflow.end_run(status)  # also stops the system-metrics thread
+                else:
+                    self._client().set_terminated(self.run_id, status)
+                log.info("mlflow: run %s %s (%s)", self.run_id, status.lower(), self.tracking_uri)
+            except Exception as error:  # noqa: BLE001
+                self._disable(f"ending the run failed: {type(error).__name__}: {error}")
+                self._skip(f"run status {status}")
+        self._ended = True
+        if self._not_logged:
+            skipped = ", ".join(f"{n} {what}" if n > 1 else what for what, n in self._not_logged.items())
+            log.warning("WARNING: not logged to MLflow (%s): %s", self.reason or "see the warnings above", skipped)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.end("FAILED" if exc_type is not None and not self.reopened else "FINISHED")
+
+
+class Run(BestEffortRun):
+    """What a stage logs to its run: metrics, params, tags, artifacts and the model, each skipped
+    (and counted, for the warning at :meth:`end`) once tracking is off."""
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log ``{name: value}`` at ``step``; names may hold ``/``, ``.``, ``-``, ``_``, ``:``, spaces."""
         bad = [key for key in metrics if not _valid_metric_name(key)]
@@ -545,76 +592,42 @@ class Run:
             return
 
         def log_files() -> None:
-            import mlflow
-            import mlflow.pytorch
-            import torch
-            from mlflow.models import ModelSignature
-            from mlflow.types import Schema, TensorSpec
-
-            module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper does not export
-            cpu_model = copy.deepcopy(module).to("cpu").eval()
-            channels = example.shape[1]
-            signature = ModelSignature(
-                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
-                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
-            )
             with self._activated():
-                mlflow.models.Model.log(  # what mlflow.pytorch.log_model does, with PORTABLE_PYTORCH for the files
-                    artifact_path=None,
-                    name=MODEL_NAME,
-                    flavor=PORTABLE_PYTORCH,
-                    flavor_name="mlflow.pytorch",
-                    pytorch_model=cpu_model,
-                    pickle_module=mlflow.pytorch.pickle_module,  # named in MLmodel; pt2 itself has no pickle
-                    input_example=example,
-                    signature=signature,
-                    serialization_format="pt2",  # torch.export graph: loads without pickle
-                    # Explicit requirements: inferring them loads the model in a subprocess (slow).
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-                )
+                log_pt2_model(model, example)
 
         self._call("model", 1, log_files)
 
-    @contextlib.contextmanager
-    def _activated(self) -> Iterator[None]:
-        """Make this run MLflow's active run in the process (``mlflow.pytorch`` logs to the active run)."""
-        import mlflow
 
-        mlflow.set_tracking_uri(self._uri)
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == self.run_id:
-            yield
-            return
-        with mlflow.start_run(run_id=self.run_id, nested=active is not None):
-            yield
+def log_pt2_model(model: Any, example: np.ndarray) -> None:
+    """Log ``model`` as the MLflow model :data:`MODEL_NAME` of the active run (``mlflow.pytorch``'s
+    layout, pt2 format: a torch.export graph that loads without pickle), on the CPU, in eval mode,
+    from a copy; ``example`` float32 NCHW with N >= 2, height and width dynamic in the signature."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Mark the run ``status`` (FINISHED, FAILED, KILLED) and report anything that was not logged."""
-        if self._ended:
-            return
-        if self.active:
-            try:
-                import mlflow
-
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == self.run_id:
-                    mlflow.end_run(status)  # also stops the system-metrics thread
-                else:
-                    self._client().set_terminated(self.run_id, status)
-                log.info("mlflow: run %s %s (%s)", self.run_id, status.lower(), self.tracking_uri)
-            except Exception as error:  # noqa: BLE001
-                self._disable(f"ending the run failed: {type(error).__name__}: {error}")
-                self._skip(f"run status {status}")
-        self._ended = True
-        if self._not_logged:
-            skipped = ", ".join(f"{n} {what}" if n > 1 else what for what, n in self._not_logged.items())
-            log.warning("WARNING: not logged to MLflow (%s): %s", self.reason or "see the warnings above", skipped)
-
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.end("FAILED" if exc_type is not None and not self.reopened else "FINISHED")
+    module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper does not export
+    cpu_model = copy.deepcopy(module).to("cpu").eval()
+    channels = example.shape[1]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
+    )
+    mlflow.models.Model.log(  # what mlflow.pytorch.log_model does, with PORTABLE_PYTORCH for the files
+        artifact_path=None,
+        name=MODEL_NAME,
+        flavor=PORTABLE_PYTORCH,
+        flavor_name="mlflow.pytorch",
+        pytorch_model=cpu_model,
+        pickle_module=mlflow.pytorch.pickle_module,  # named in MLmodel; pt2 itself has no pickle
+        input_example=example,
+        signature=signature,
+        serialization_format="pt2",  # torch.export graph: loads without pickle
+        # Explicit requirements: inferring them loads the model in a subprocess (slow).
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+    )
 
 
 def run_name(model: str, stage: str = "train", experiment: str | None = None) -> str:
