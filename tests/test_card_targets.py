@@ -59,3 +59,17 @@ def test_the_card_text_names_the_cells_that_miss() -> None:
     assert "- must, every cell of Set5, Set14, B100 at or above the release it continues" in text
     assert "**not reached** (short: Set5 x2 37.35 vs 37.46; Set5 x3 33.41 vs 33.52; Set5 x4 31.11 vs 31.14)" in text
     assert "(Urban100 not evaluated for this release)" in text
+
+
+def test_an_srcnn_release_is_held_to_the_papers_srcnn_on_set5() -> None:
+    # the paper's SRCNN on Set5: 36.66 / 32.75 / 30.48; the must is 0.3 dB below: 36.36 / 32.45 / 30.18
+    scores = {"model": _table({"Set5": (36.36, 32.50, 30.20), "Set14": (32.0, 28.9, 27.2)})}
+    (must_text, must), (goal_text, goal) = model_card.srcnn_targets(scores)
+    assert "(36.36 / 32.45 / 30.18)" in must_text and "(36.66 / 32.75 / 30.48)" in goal_text
+    assert must == [] and goal == ["Set5 x2 36.36 vs 36.66", "Set5 x3 32.50 vs 32.75", "Set5 x4 30.20 vs 30.48"]
+    scores["model"]["Set5"]["x4"]["psnr"] = 30.174  # rounds to 30.17 < 30.18
+    assert model_card.srcnn_targets(scores)[0][1] == ["Set5 x4 30.17 vs 30.18"]
+    text = model_card.targets_text(scores, {}, None, ("Set5", "Set14", "B100"), "srcnn")
+    assert "Targets of the SRCNN release (B100 not evaluated for this release)" in text
+    assert "**not reached** (short: Set5 x4 30.17 vs 30.18)" in text and "291 images" in text
+    assert "91-image VDSR" not in text

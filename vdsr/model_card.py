@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 VDSR_91 = {"x2": 37.06, "x3": 33.27, "x4": 30.95}  # the paper's VDSR trained on 91 images, Set5
 MUST_SETS = ("Set5", "Set14", "B100")
+SRCNN_MUST_DB = 0.3  # an SRCNN release's must: Set5 within this of the paper's SRCNN at every scale
 RECIPE_NOTES = Path(__file__).resolve().parents[1] / "presets"  # <preset>.md: how the recipe was chosen
 
 
@@ -249,10 +250,36 @@ def continuation_targets(scores: dict[str, Any], previous: dict[str, Any]) -> li
     ]
 
 
+def srcnn_targets(scores: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The targets of an SRCNN release, each with the cells that miss it (none: reached): must, Set5
+    within :data:`SRCNN_MUST_DB` of the paper's SRCNN at every scale; goal, at or above it."""
+    srcnn = {"Set5": {s: paper.TABLE3["Set5"][s]["srcnn"][0] for s in CELLS}}
+    must = {"Set5": {s: round(v - SRCNN_MUST_DB, 2) for s, v in srcnn["Set5"].items()}}
+    return [
+        (f"must, Set5 within {SRCNN_MUST_DB} dB of the paper's SRCNN at every scale "
+         f"({' / '.join(f'{v:.2f}' for v in must['Set5'].values())})", _below(scores["model"], must)),
+        (f"goal, Set5 at or above the paper's SRCNN ({' / '.join(f'{v:.2f}' for v in srcnn['Set5'].values())})",
+         _below(scores["model"], srcnn)),
+    ]
+
+
+SRCNN_SETTING = (
+    "Which SRCNN this is: the paper's SRCNN column is Dong et al.'s (ECCV 2014 / TPAMI 2016) 9-5-5 models, "
+    "one per scale, trained without padding on ImageNet. This one is a single model for x2, x3 and x4, "
+    "zero-padded, trained on VDSR's data (the 291 images, the same patches and degradation as the VDSR "
+    "release): the same-data baseline of Table 3, not a copy of Dong et al.'s training.")
+
+
 def targets_text(scores: dict[str, Any], reached: dict[str, bool], previous: dict[str, Any] | None,
-                 sets: tuple[str, ...]) -> str:
-    """The card's targets: the first CPU release's (``reached`` from :func:`results_rows`), or, for a
-    release continued from a shipped one (``previous``: its eval.json ``model`` table), :func:`continuation_targets`."""
+                 sets: tuple[str, ...], kind: str = "vdsr") -> str:
+    """The card's targets: an SRCNN release's (``kind`` srcnn, :func:`srcnn_targets`); the first CPU
+    VDSR release's (``reached`` from :func:`results_rows`), or, for a release continued from a
+    shipped one (``previous``: its eval.json ``model`` table), :func:`continuation_targets`."""
+    if kind == "srcnn":
+        lines = [f"- {text}: **{_yes(not short)}**" + (f" (short: {'; '.join(short)})" if short else "")
+                 for text, short in srcnn_targets(scores)]
+        return (f"Targets of the SRCNN release{_missing(scores, sets)} (PSNR as published, to 0.01 dB):\n\n"
+                + "\n".join(lines) + "\n\n" + SRCNN_SETTING)
     if previous is None:
         return f"""Targets of the CPU release{_missing(scores, sets)}:
 
@@ -321,7 +348,7 @@ columns are its Table 3 (291 training images, 80 epochs on a GPU).
 
 {table}{plus_rows(scores, config.name)}
 
-{targets_text(scores, reached, previous, sets)}
+{targets_text(scores, reached, previous, sets, config.name)}
 
 ![validation PSNR against training time]({curve})
 
