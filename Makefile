@@ -56,9 +56,9 @@ release-cpu-v2:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n release-cpu-v2 \
 		$$($(PYTHON) -m vdsr.presets release-cpu-v2) train@vdsr
 
-# Does the paper's recipe train? (docs/paper-recipe.md) The default train.vdsr for 2 epochs, validated
-# every half epoch, as the DVC experiment paper-check; PAPER_CHECK=paper-check-norm: with the public
-# PyTorch VDSR's norm clipping instead. About an hour on a 2-core CPU each.
+# Does the paper's recipe train? (docs/paper-recipe.md) The default train.vdsr for 150,016 patches (1.6
+# passes), validated every 37,504, as the DVC experiment paper-check; PAPER_CHECK=paper-check-norm or
+# paper-check-norm-cap: with norm clipping instead. About an hour on a 2-core CPU each.
 PAPER_CHECK ?= paper-check
 paper-check:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
