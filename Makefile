@@ -24,8 +24,8 @@ smoke:
 	@echo "  dvc exp diff HEAD $(SMOKE_NAME)   # every param and metric that differs, one per line"
 	@echo "  dvc exp apply $(SMOKE_NAME)       # its params, model, metrics, plots/images into the workspace"
 	@echo "  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1"
-	@echo "    then http://127.0.0.1:5000/#/experiments/1?searchFilter=metrics.%60eval%2FSet5%2Fx2%2Fpsnr%60%20%3E%200&orderByKey=metrics.%60eval%2FSet5%2Fx2%2Fpsnr%60&orderByAsc=false&workflowType=machine_learning"
-	@echo "    (run $(SMOKE_NAME); columns for the model and Set5 PSNR: docs/mlflow.md, Opening the dashboard)"
+	@echo "    then http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=set5&workflowType=machine_learning"
+	@echo "    (the evaluated runs, best Set5 x2 first, with the model and Set5 PSNR; run $(SMOKE_NAME))"
 
 # The CPU release recipe (presets/release-cpu.yaml) as a DVC experiment: hours on a 2-core CPU with
 # native bf16; Ctrl-C stops with a checkpoint and the same command resumes (README "Training on a CPU").

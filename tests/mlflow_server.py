@@ -21,8 +21,11 @@ are raised with their own messages.
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +49,7 @@ TINY: dict[str, dict] = {
     "evaluate": {"sets": ["Set5"], "scales": [2, 4]},
 }
 
+CHROMIUM_TIMEOUT_S = 120
 SERVER_START_TIMEOUT_S = 90.0  # ~10-15 s on an idle 2-core machine; more when tests share it
 
 
@@ -324,3 +328,37 @@ def stage_seconds(streamed: Streamed, stage: str) -> float:
 
 def stage_output(streamed: Streamed, stage: str) -> str:
     return "\n".join(line for _, line in stage_lines(streamed, stage))
+
+
+# --- the dashboard as a browser shows it --------------------------------------------------------------
+
+def chromium() -> str:
+    """The Chromium binary; a missing one fails the test (CI installs it: docs/install.md, "For the tests")."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("headless Chromium is needed to check the MLflow dashboard and is not installed: "
+                "apt-get install -y chromium (Debian/Ubuntu)", pytrace=False)
+
+
+def open_page(url: str, workdir: Path, screenshot: Path, window: tuple[int, int] = (1400, 1000)) -> str:
+    """Load ``url`` in headless Chromium (loopback only, no Google services) in a ``window`` of
+    width x height pixels, save a screenshot and return the DOM after 15 s of virtual time (the
+    MLflow UI renders client-side)."""
+    args = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={workdir / 'chromium-profile'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--virtual-time-budget=15000", f"--window-size={window[0]},{window[1]}", f"--screenshot={screenshot}", "--dump-dom", url,
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
+    assert done.returncode == 0, f"chromium exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def visible_text(dom: str) -> str:
+    """The text of a DOM as a reader sees it: no scripts or styles, tags and runs of white space as one space."""
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.DOTALL)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))

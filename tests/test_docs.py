@@ -25,9 +25,6 @@ from conftest import REPO_ROOT, load_script, run_checked, run_child
 
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 PAGES = [REPO_ROOT / "README.md", *DOCS, REPO_ROOT / "tests" / "README.md"]
-# Pages written on another branch at the same time: a link to one of them may dangle until that
-# branch is merged; a link to any other missing file fails.
-EXPECTED_FROM_ANOTHER_BRANCH = {REPO_ROOT / "docs" / "experiments.md"}
 README_MAX_LINES = 300
 COMMAND_TIMEOUT_S = 300  # one documented quick command, on a loaded 2-core machine
 OPERATORS = {"&&", "||", "|", ";", "&", "(", ")", "$(", "`"}
@@ -371,12 +368,11 @@ def links(page: Path) -> list[tuple[str, Path, str]]:
 
 
 def broken_links(page: Path) -> list[str]:
-    """The relative links of a page whose file, or heading, is missing (see EXPECTED_FROM_ANOTHER_BRANCH)."""
+    """The relative links of a page whose file, or heading, is missing."""
     broken = []
     for written, target, anchor in links(page):
         if not target.exists():
-            if target not in EXPECTED_FROM_ANOTHER_BRANCH:
-                broken.append(f"{written}: no such file")
+            broken.append(f"{written}: no such file")
         elif anchor and target.suffix == ".md" and anchor not in anchors(target):
             broken.append(f"{written}: no heading with anchor #{anchor} in {target.name}")
     return broken

@@ -200,45 +200,72 @@ def test_the_documented_drop_keeps_the_set5_psnr_of_each_evaluation():
     assert kept == [f"{m}.Set5.{k}.psnr" for m in models for k in ("x2", "x4")] + params, kept
 
 
-# --- the MLflow link (README, docs/mlflow.md, docs/experiments.md, the Makefile's smoke target) ------------------
+# --- the MLflow link (README, docs/mlflow.md, the Makefile's smoke target) -------------------------------------
 
-DASHBOARD = re.compile(r"http://127\.0\.0\.1:5000/#/experiments/1\?[^\s`\"]+")
+DASHBOARD = re.compile(r"http://127\.0\.0\.1:5000/#/experiments/1[/?][^\s`\"]+")
 
 
-def test_the_dashboard_link_opens_the_evaluated_runs_best_first(tmp_path):
-    """One link everywhere; a real ``mlflow server`` serves its page (HTTP 200) and answers the run
-    search the page sends for it (the link's ``searchFilter``, ``orderByKey`` and ``orderByAsc``, as
-    MLflow 3.17's UI turns them into ``runs/search``): the runs with a Set5 evaluation, best x2 first."""
-    import urllib.parse
-    import urllib.request
-
+def test_the_dashboard_link_opens_the_set5_view_on_its_first_screen(tmp_path):
+    """One link everywhere (vdsr.tracking.dashboard_url), and a real ``mlflow server`` with the store
+    as the stages make it shows it in headless Chromium on a 1920x1080 screen: the saved view "Set5
+    PSNR" (the experiment's tag), only the evaluated runs (not a report logged to a run of its
+    own), best Set5 x2 first, each with its Duration, model and Set5 PSNR x2/x3/x4. The screenshot is
+    kept with VDSR_TEST_ARTIFACTS=<folder>."""
     from mlflow.tracking import MlflowClient
-    from mlflow_server import MlflowServer, rest
+    from mlflow_server import MlflowServer, open_page, visible_text
+    from test_mlflow_server import keep_artifact
+
+    from vdsr import tracking
 
     links = {name: set(DASHBOARD.findall((REPO_ROOT / name).read_text()))
-             for name in ("README.md", "docs/mlflow.md", "docs/experiments.md", "Makefile")}
+             for name in ("README.md", "docs/mlflow.md", "Makefile")}
     assert all(len(found) == 1 for found in links.values()) and len(set.union(*links.values())) == 1, links
     [link] = links["README.md"]
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).fragment.split("?", 1)[1], strict_parsing=True)
-    assert set(query) == {"searchFilter", "orderByKey", "orderByAsc", "workflowType"}, query
-    assert query["orderByKey"] == ["metrics.`eval/Set5/x2/psnr`"] and query["orderByAsc"] == ["false"], query
+    assert link == tracking.dashboard_url("sqlite:///mlflow.db", "1"), link
 
     folder = tmp_path / "mlflow-server"
     folder.mkdir()
-    client = MlflowClient(f"sqlite:///{(folder / 'mlflow.db').as_posix()}")  # the store the server opens
-    experiment = client.create_experiment("vdsr", artifact_location=(folder / "artifacts").as_uri())
+    uri = f"sqlite:///{(folder / 'mlflow.db').as_posix()}"  # the store the server opens
+    experiment = tracking._open_store(uri, "vdsr", folder / "artifacts")  # as the train stage opens it
     assert experiment == "1"  # the link's experiment: the first one of a new store
-    runs = {"vdsr lr-small": 30.1, "vdsr lr-large": 30.4, "srcnn base": 29.2, "vdsr lr-large report": None}
-    for name, psnr in runs.items():
+    client = MlflowClient(uri)
+    runs = {"vdsr lr-small": ("vdsr", 30.1), "vdsr lr-large": ("vdsr", 30.4), "srcnn base": ("srcnn", 29.2),
+            "vdsr lr-large report": ("vdsr", None)}
+    for name, (model, psnr) in runs.items():
         run = client.create_run(experiment, run_name=name)
+        client.log_param(run.info.run_id, "train.model", model)  # as tracking.flatten_params names it
+        client.log_param(run.info.run_id, "train.lr", "0.001")
         if psnr is not None:  # what the evaluate stage logs; a report of its own run has none
-            client.log_metric(run.info.run_id, "eval/Set5/x2/psnr", psnr)
+            for offset, scale in enumerate((2, 3, 4)):
+                client.log_metric(run.info.run_id, f"eval/Set5/x{scale}/psnr", psnr - 3 * offset)
+            client.log_metric(run.info.run_id, "time_s", 100.0)
         client.set_terminated(run.info.run_id)
     with MlflowServer(folder, timeout_s=300) as server:  # ~10-15 s idle, minutes beside a training
-        page = server.url + link.removeprefix("http://127.0.0.1:5000")
-        with urllib.request.urlopen(page, timeout=60) as response:  # the fragment stays in the browser
-            assert response.status == 200 and b"<html" in response.read().lower()
-        order = f"{query['orderByKey'][0]} {'ASC' if query['orderByAsc'] == ['true'] else 'DESC'}"
-        found = rest(server.url, "runs/search", body={"experiment_ids": [experiment], "filter": query["searchFilter"][0],
-                                                      "order_by": [order]}, timeout_s=60)["runs"]
-    assert [run["info"]["run_name"] for run in found] == ["vdsr lr-large", "vdsr lr-small", "srcnn base"], found
+        screenshot = tmp_path / "mlflow-set5-view.png"
+        dom = open_page(server.url + link.removeprefix("http://127.0.0.1:5000"), tmp_path, screenshot, (1920, 1080))
+    keep_artifact(screenshot)
+    text = visible_text(dom)
+    assert "Set5 PSNR You're viewing a shared view" in text and "Sort: eval/Set5/x2/psnr" in text, text[:3000]
+    headers = "Run Name Created Parameters Metrics Duration train.model eval/Set5/x2/psnr eval/Set5/x3/psnr eval/Set5/x4/psnr"
+    assert headers in text, text[:3000]
+    names = re.findall(r"Pin run #\w+ (.+?) \d+ seconds? ago", text)
+    assert names == ["vdsr lr-large", "vdsr lr-small", "srcnn base"], text[:3000]
+    cells = r"\S+ms vdsr 30\.4 27\.4 24\.4 \S+ms vdsr 30\.1 27\.1 24\.1 \S+ms srcnn 29\.2 26\.2 23\.2 "
+    assert re.search(cells, text), text[:3000]  # Duration, model, x2, x3, x4 in that order
+    assert "3 matching runs" in text, text[:3000]
+
+
+def test_the_installed_mlflow_ui_reads_the_view_as_written():
+    """The names the view relies on are those of the installed MLflow UI's bundle (an upgrade that
+    renames them fails here, not silently in a browser): the URL parameter, the tag prefix, the
+    envelope's fields and the table-state keys."""
+    import mlflow
+
+    from vdsr import tracking
+
+    bundle = "".join(path.read_text(errors="replace") for path in
+                     (Path(mlflow.__file__).parent / "server/js/build/static/js").glob("*.js"))
+    assert '"viewStateShareKey"' in bundle and f'"{tracking.SHARED_VIEW_TAG_PREFIX}"' in bundle
+    assert "Invalid saved-view envelope" in bundle and "string `state`" in bundle
+    for key in tracking.VIEW_STATE:
+        assert f'"{key}"' in bundle, key

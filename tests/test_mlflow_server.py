@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,16 +18,17 @@ from conftest import run_checked
 from mlflow_server import (
     Streamed,
     list_artifacts,
+    open_page,
     rest,
     stage_lines,
     stage_output,
     stage_seconds,
+    visible_text,
 )
 
 pytest_plugins = ["mlflow_server"]  # fixtures tiny_repo and tracking_server
 
 REPRO_TIMEOUT_S = 600  # the tiny pipeline takes ~20-40 s; the bound only stops a hung run
-CHROMIUM_TIMEOUT_S = 120
 
 
 def read_json(path: Path) -> dict:
@@ -47,38 +47,6 @@ def assert_outputs_complete(repo: Path, epochs: int) -> None:
     _model, config, meta = load_model(repo / "models/vdsr.pt")
     assert (config.depth, config.width) == (3, 8) and meta["epochs"] == epochs
     assert (repo / "reports/results.md").is_file() and list((repo / "plots/comparison").glob("*.png"))
-
-
-def chromium() -> str:
-    """The Chromium binary; a missing one fails the test (CI installs it: docs/install.md, "For the tests")."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.fail("headless Chromium is needed to check the MLflow dashboard and is not installed: "
-                "apt-get install -y chromium (Debian/Ubuntu)", pytrace=False)
-
-
-def open_page(url: str, workdir: Path, screenshot: Path) -> str:
-    """Load ``url`` in headless Chromium (loopback only, no Google services), save a screenshot
-    and return the DOM after 15 s of virtual time (the MLflow UI renders client-side)."""
-    args = [
-        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={workdir / 'chromium-profile'}",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--virtual-time-budget=15000", "--window-size=1400,1000", f"--screenshot={screenshot}", "--dump-dom", url,
-    ]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
-    assert done.returncode == 0, f"chromium exited {done.returncode}:\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-def visible_text(dom: str) -> str:
-    import html
-
-    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.DOTALL)
-    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))
 
 
 def keep_artifact(path: Path) -> Path:

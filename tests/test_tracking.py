@@ -72,24 +72,37 @@ def test_experiment_name_from_environment(tmp_path: Path, monkeypatch: pytest.Mo
     assert client.get_experiment(client.get_run(run.run_id).info.experiment_id).name == "ablation"
 
 
-def test_experiment_is_marked_as_model_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The MLflow 3 UI opens an experiment by its kind: ours opens on the training runs."""
+def test_experiment_is_marked_as_model_training_with_its_set5_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLflow 3 UI opens an experiment by its kind: ours opens on the training runs; and it
+    carries the saved view that the README's link opens (tests/test_experiment_docs.py shows it in
+    a browser): the envelope of MLflow 3.17's "Save view", its state a JSON string inside."""
+    import json
+
     uri = f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
     client = MlflowClient(uri)
     run = tracking.start_run(repo_root=tmp_path, params={}, tags={})
     run.end()
     created = client.get_experiment(client.get_run(run.run_id).info.experiment_id)
     assert created.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = "mlflow.sharedViewState.set5"
+    envelope = json.loads(created.tags[view])
+    assert envelope["name"] == "Set5 PSNR" and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`eval/Set5/x2/psnr`" and state["orderByAsc"] is False
+    assert state["selectedColumns"] == ["params.`train.model`"] + [f"metrics.`eval/Set5/x{s}/psnr`" for s in (2, 3, 4)]
 
-    # An experiment made without the tag (an older version of this code, or by hand) gets it;
-    # a kind the user chose in the UI stays.
+    # An experiment made without the tags (an older version of this code, or by hand) gets them;
+    # a kind the user chose, or a view saved over ours, in the UI stays.
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "untagged")
     untagged = client.create_experiment("untagged")
     tracking.start_run(repo_root=tmp_path, params={}, tags={}).end()
-    assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = client.get_experiment(untagged).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development" and json.loads(tags[view])["name"] == "Set5 PSNR"
     client.set_experiment_tag(untagged, "mlflow.experimentKind", "genai_development")
+    client.set_experiment_tag(untagged, view, json.dumps({**envelope, "name": "mine"}))
     tracking.start_run(repo_root=tmp_path, params={}, tags={}).end()
-    assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "genai_development"
+    tags = client.get_experiment(untagged).tags
+    assert tags["mlflow.experimentKind"] == "genai_development" and json.loads(tags[view])["name"] == "mine"
 
 
 def test_log_model_is_loadable_at_other_sizes(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -63,6 +64,25 @@ MODEL_NAME = "model"  # the artifact name of the logged MLflow model
 # instead (see :func:`dashboard_url`); the tag is for the 3.x versions before it.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The experiment's saved view, which the README's dashboard link opens (``?viewStateShareKey=set5``):
+# the evaluated runs, best Set5 x2 PSNR first, with the model and Set5 PSNR x2/x3/x4 columns beside
+# the run name and Duration (always shown). MLflow 3.17's UI keeps a view as the experiment tag
+# ``mlflow.sharedViewState.<key>``: {"name", "createdAt", "updatedAt" (ms), "state"}, ``state`` a JSON
+# string of the page's search facets and table state, as its "Save view" writes it and lists under
+# "Views" (mlflow/server/js: the shared-view hooks; tests/test_experiment_docs.py checks the names).
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "set5"
+VIEW_NAME = "Set5 PSNR"
+VIEW_METRIC = "metrics.`eval/Set5/x2/psnr`"
+VIEW_COLUMNS = ["params.`train.model`", VIEW_METRIC, "metrics.`eval/Set5/x3/psnr`", "metrics.`eval/Set5/x4/psnr`"]
+VIEW_STATE = {
+    "searchFilter": f"{VIEW_METRIC} > 0",  # not a report logged to a run of its own
+    "orderByKey": VIEW_METRIC,
+    "orderByAsc": False,
+    "selectedColumns": VIEW_COLUMNS,
+    "columnOrder": ["duration", *VIEW_COLUMNS],  # Duration: the grid's column of field "duration", no colId
+    "columnWidths": {"duration": 80, VIEW_COLUMNS[0]: 90} | {column: 120 for column in VIEW_COLUMNS[1:]},
+}
 
 # Bounds on MLflow's HTTP client, applied only where the user has not set the variable. Measured
 # for one call to a server lost mid-run: refused connection ~2.6 s, silent server ~3 x 10 s; with
@@ -273,7 +293,7 @@ def _experiment_id(uri: str, name: str, artifact_root: Path | None) -> str:
     if experiment is None:
         try:
             location = artifact_root.as_uri() if artifact_root is not None else None
-            tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **experiment_view()}
             return client.create_experiment(name, artifact_location=location, tags=tags)
         except MlflowException as error:  # created meanwhile by another process
             experiment = client.get_experiment_by_name(name)
@@ -284,9 +304,18 @@ def _experiment_id(uri: str, name: str, artifact_root: Path | None) -> str:
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}) or set MLFLOW_EXPERIMENT_NAME"
         )
-    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version or by hand; a kind chosen in the UI stays
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    # made by an older version or by hand: the tags added; a kind chosen or a view edited in the UI stays
+    for key, value in {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **experiment_view()}.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
+
+
+def experiment_view(now_ms: int | None = None) -> dict[str, str]:
+    """The experiment tag of the saved view :data:`VIEW_STATE` (see :data:`VIEW_KEY`): key to value."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    envelope = {"name": VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(VIEW_STATE)}
+    return {SHARED_VIEW_TAG_PREFIX + VIEW_KEY: json.dumps(envelope)}
 
 
 def _open_store(uri: str, name: str, artifact_root: Path | None) -> str:
@@ -673,8 +702,9 @@ def start_run(*, repo_root: Path, params: dict, tags: dict[str, str], run_name: 
         return run
     run = Run(active.info.run_id, uri, repo_root=repo_root)
     run.log_params(params)
-    log.info("mlflow: run %s in experiment %r (%s); dashboard %s", run.run_id, experiment_name(), run.tracking_uri,
-             dashboard_url(run.tracking_uri, experiment_id, run.run_id))
+    log.info("mlflow: run %s in experiment %r (%s); dashboard %s (the evaluated runs: %s)", run.run_id,
+             experiment_name(), run.tracking_uri, dashboard_url(run.tracking_uri, experiment_id, run.run_id),
+             dashboard_url(run.tracking_uri, experiment_id))
     return run
 
 
@@ -734,7 +764,9 @@ def training_run(*, repo_root: Path, params: dict[str, Any], model: str, tags: d
 
 
 def dashboard_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The page of a run (or of the experiment) in the MLflow UI, opened on model training.
+    """The page of a run in the MLflow UI, or without ``run_id`` the experiment's saved view
+    (:data:`VIEW_KEY`: the evaluated runs, best Set5 x2 first, model and Set5 PSNR columns), opened
+    on model training.
 
     MLflow 3.17's UI picks GenAI or model-training pages from its ``workflowType`` URL parameter,
     then remembers it in the browser (earlier 3.x from the experiment's :data:`EXPERIMENT_KIND_TAG`).
@@ -743,8 +775,9 @@ def dashboard_url(uri: str, experiment_id: str, run_id: str | None = None) -> st
     """
     uri = public_uri(uri) or ""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    page = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{base}/#{page}?workflowType=machine_learning"
+    if run_id:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
 
 def _no_run(run_id: str | None, started_run_id: str | None, uri: str, repo_root: Path) -> Run | None:
