@@ -93,7 +93,8 @@ def upscale_measured(
     code: Path, picture: Path, model: Path, out: Path, scale: int, extra: list[str], timeout: float
 ) -> Measured:
     """``vdsr upscale picture`` with the ``vdsr`` package of the tree ``code``, measured."""
-    env = {**os.environ, "PYTHONPATH": str(code.resolve())}
+    kept = os.environ.get("PYTHONPATH")  # e.g. a folder holding an extra's packages
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code.resolve()), *([kept] if kept else [])])}
     command = [sys.executable, "-m", "vdsr.cli", "upscale", str(picture), "--scale", str(scale),
                "--model", str(model), "--device", "cpu", "-o", str(out), *extra]
     return run_measured(command, env=env, cwd=out.parent, timeout=timeout)

@@ -139,13 +139,19 @@ def test_exported_backends_compute_the_network(backend: str, precision: str, mod
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 if precision == "fp32" else 0.05)
 
 
-def test_the_default_variant_is_openvino_where_installed_else_torch():
+def test_the_default_variant_is_openvino_where_installed_else_torch_in_bf16_where_native():
     import importlib.util
 
-    from vdsr.backends import DEFAULT_PRECISIONS, Variant, resolve_variant
+    from vdsr.backends import Variant, resolve_variant
+    from vdsr.runtime import cpu_has_native_bf16
 
     expected = "openvino" if importlib.util.find_spec("openvino") else "torch"
-    assert resolve_variant() == Variant(expected, DEFAULT_PRECISIONS[expected])
+    native = "bf16" if cpu_has_native_bf16() else "fp32"  # /proc/cpuinfo's avx512_bf16 or amx_bf16
+    assert resolve_variant() == resolve_variant("auto", "auto") == Variant(expected, native)
+    assert resolve_variant("torch") == Variant("torch", native)
+    assert resolve_variant("torch-compile") == Variant("torch-compile", native)
     assert resolve_variant("auto", "fp32", "cuda") == Variant("torch", "fp32")  # exported backends: CPU only
+    assert resolve_variant("auto", None, "cuda") == Variant("torch", "fp32")  # bf16's quality: measured on the CPU
+    assert resolve_variant("torch-nchw") == Variant("torch-nchw", "fp32")  # the exact pass stays exact
     assert resolve_variant("onnxruntime") == Variant("onnxruntime", "fp32")
     assert resolve_variant("torch-nchw", "fp32") == Variant("torch-nchw", "fp32")

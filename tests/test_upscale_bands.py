@@ -157,8 +157,10 @@ def test_peak_memory_does_not_grow_with_the_picture(peaks: dict[str, int]) -> No
     same. The whole-image path held ~100 bytes per output pixel: +440 MB here."""
     growth = peaks["tall"] - peaks["short"]
     assert growth < 40 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB for 20 times the rows"
-    # The measurement sees memory: the same picture in one window of the network takes far more.
-    assert peaks["tall whole"] - peaks["tall"] > 200 * 2**20, peaks
+    # The measurement sees memory: the same picture in one window of the network takes far more
+    # (NCHW fp32's maps: ~400 MiB more; the default's bf16 channels_last ones, ~150).
+    assert peaks["tall whole exact"] - peaks["tall"] > 200 * 2**20, peaks
+    assert peaks["tall whole"] - peaks["tall"] > 100 * 2**20, peaks
 
 
 @pytest.mark.parametrize("key, variant", [("tall whole", backends.resolve_variant()),
@@ -166,12 +168,14 @@ def test_peak_memory_does_not_grow_with_the_picture(peaks: dict[str, int]) -> No
 def test_memory_estimate_bounds_the_measured_peak(peaks: dict[str, int], model: torch.nn.Module, key: str,
                                                   variant: backends.Variant) -> None:
     """In one window (memory grows with the picture) the estimate is above what is used, not far
-    above: for the default variant (channels_last bf16) and for the exact NCHW fp32 one."""
+    above: for the default variant (channels_last, bf16 where native) and for the exact NCHW fp32 one.
+    The tiny model's 4 channels make its maps light beside the picture's planes, whose estimate has
+    the slack (with bf16 the estimate is 2.1x what is used)."""
     network = inference.Network(backends.upscale_model(model, variant), torch.device("cpu"), 0,
                                 inference.receptive_radius(model), variant.precision, backend=variant.backend)
     estimate = upscale.memory_needed(upscale.Header(120, 2400, 3, 8), 4, network)
     used = peaks[key] - peaks["tiny whole"]
-    assert used < estimate < 2 * used, (used, estimate)
+    assert used < estimate < 2.5 * used, (used, estimate)
 
 
 def test_too_large_for_the_memory_is_skipped_and_the_batch_goes_on(tmp_path: Path, model_file: Path, capsys) -> None:

@@ -24,17 +24,21 @@ if TYPE_CHECKING:
 BACKENDS = ("torch", "torch-nchw", "torch-compile", "onnxruntime", "openvino")
 UPSCALE_PRECISIONS = ("fp32", "bf16")
 # The default (``auto``): the fastest variant within 0.02 dB of exact fp32 on Set5 and Set14 at
-# every scale, as measured side by side by bench/upscale.py (table and load in
-# docs/upscaling-speed.md). No bf16 variant stays within 0.02 dB (0.07 dB), so fp32: OpenVINO where
-# its optional extra is installed (4.3x the reference), else PyTorch eager channels_last (2.1x,
-# outputs within 6e-7 of NCHW). ONNX Runtime (4.7x, within noise of OpenVINO) is not picked by
+# every scale, as measured side by side by bench/upscale.py on whole images (table in
+# docs/upscaling-speed.md, 2026-12-03): bf16 where the CPU computes it natively (AVX-512 BF16 or
+# AMX: torch bf16 channels_last 3.3x the reference, 0.012 dB; OpenVINO bf16 4.0x, 0.012 dB), else
+# fp32 (emulated bf16 is slow); OpenVINO where its optional extra is installed, else PyTorch eager
+# channels_last. ONNX Runtime (fp32 only, 2.0x, within 5% of OpenVINO fp32) is not picked by
 # ``auto``: its ``onnx`` extra is installed for ``vdsr export``, and the ONNX export it needs at
-# every load (minutes on a loaded 2-core CPU) would then fall on every ``vdsr upscale``.
+# every load would then fall on every ``vdsr upscale``. Off the CPU: torch fp32 (bf16's quality
+# was measured on the CPU only).
 DEFAULT_BACKEND = "auto"
 AUTO_ORDER = ("openvino", "torch")  # the first one importable wins (on the CPU; torch elsewhere)
-DEFAULT_PRECISION = "fp32"
-# --precision's default for each backend: the faster precision that stays within 0.02 dB.
-DEFAULT_PRECISIONS = {backend: "fp32" for backend in BACKENDS}
+DEFAULT_PRECISION = "auto"  # --precision's default: DEFAULT_PRECISIONS of the backend
+PRECISION_CHOICES = ("auto", *UPSCALE_PRECISIONS)
+# "auto" for a backend: bf16 on a CPU with native bf16, else fp32 (:func:`resolve_variant`).
+DEFAULT_PRECISIONS = {"torch": "auto", "torch-nchw": "fp32", "torch-compile": "auto", "onnxruntime": "fp32",
+                      "openvino": "auto"}
 
 
 class VariantError(ValueError):
@@ -54,7 +58,7 @@ class Variant:
     """
 
     backend: str = "torch"
-    precision: str = DEFAULT_PRECISION
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -79,16 +83,21 @@ REFERENCE = Variant("torch-nchw", "fp32")  # what evaluation computes: exact fp3
 def resolve_variant(backend: str = DEFAULT_BACKEND, precision: str | None = None,
                     device: str | torch.device = "cpu") -> Variant:
     """The :class:`Variant` that ``vdsr upscale --backend BACKEND --precision PRECISION`` runs:
-    ``auto`` is the first of :data:`AUTO_ORDER` whose package is installed (torch off the CPU),
-    precision None is the backend's :data:`DEFAULT_PRECISIONS`."""
+    backend ``auto`` is the first of :data:`AUTO_ORDER` whose package is installed (torch off the
+    CPU); precision None or ``auto`` is the backend's :data:`DEFAULT_PRECISIONS`, whose ``auto`` is
+    bf16 on a CPU that computes it natively (:func:`vdsr.runtime.cpu_has_native_bf16`), else fp32."""
     import importlib.util
 
+    on_cpu = str(device) == "cpu" or getattr(device, "type", None) == "cpu"
     if backend == "auto":
-        on_cpu = str(device) == "cpu" or getattr(device, "type", None) == "cpu"
         backend = next((name for name in AUTO_ORDER if name == "torch"
                         or (on_cpu and importlib.util.find_spec(name) is not None)), "torch")
-    if precision is None:
-        precision = DEFAULT_PRECISIONS.get(backend, DEFAULT_PRECISION)
+    if precision is None or precision == "auto":
+        precision = DEFAULT_PRECISIONS.get(backend, "fp32")
+    if precision == "auto":
+        from vdsr.runtime import cpu_has_native_bf16
+
+        precision = "bf16" if on_cpu and cpu_has_native_bf16() else "fp32"
     return Variant(backend, precision)
 
 

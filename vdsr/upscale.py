@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from vdsr.color import rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import Upscaler
 from vdsr.images import ImageError
-from vdsr.backends import BACKENDS, DEFAULT_BACKEND, DEFAULT_PRECISIONS, UPSCALE_PRECISIONS, resolve_variant, upscale_model
+from vdsr.backends import BACKENDS, DEFAULT_BACKEND, PRECISION_CHOICES, resolve_variant, upscale_model
 from vdsr.inference import (  # the network pass, shared with training's validation and evaluation
     DEFAULT_TILE,
     Network,
@@ -468,8 +468,9 @@ def activation_maps(backend: str, precision: str) -> tuple[int, int]:
     to its blocked layout (VDSR 20x64 on a 552^2 window: 4.1 maps; depth 3 width 4, whose 4
     channels are padded: 5.7 in fp32, 2.6 fp32 maps' worth in bf16) -> 5 fp32 maps; channels_last,
     where oneDNN convolves NHWC without reordering (width 4: 1.7 maps in fp32, 0.6 fp32 maps' worth
-    in bf16) -> 3 maps at the precision's bytes. ONNX Runtime and OpenVINO keep their own arenas,
-    not measured: the NCHW figure."""
+    in bf16) -> 3 maps at the precision's bytes. ONNX Runtime and OpenVINO keep their own arenas
+    (width 4: ONNX Runtime 5.0 fp32 maps, OpenVINO 2.4 in fp32 and 1.4 fp32 maps' worth in bf16)
+    -> the NCHW figure, 5 fp32 maps."""
     if backend in ("torch", "torch-compile"):
         return 3, 2 if precision == "bf16" else 4
     return 5, 4
@@ -645,9 +646,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "torch-compile, onnxruntime (extra onnx, fp32), openvino (extra openvino); docs/upscaling-speed.md",
     )
     parser.add_argument(
-        "--precision", choices=UPSCALE_PRECISIONS,
-        help="fp32 | bf16 (default: the backend's fastest within 0.02 dB of exact fp32 on Set5 and Set14 at "
-        f"every scale, measured by bench/upscale.py: {', '.join(f'{b} {p}' for b, p in DEFAULT_PRECISIONS.items())}); "
+        "--precision", choices=PRECISION_CHOICES, default="auto",
+        help="auto (default: the fastest within 0.02 dB of exact fp32 on Set5 and Set14 at every scale, "
+        "measured by bench/upscale.py: bf16 where the CPU computes it natively, AVX-512 BF16 or AMX, "
+        "else fp32; fp32 for torch-nchw, onnxruntime and on a GPU) | fp32 | bf16; "
         "--backend torch-nchw --precision fp32 gives the exact output",
     )
     parser.add_argument(
