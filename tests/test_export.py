@@ -204,7 +204,7 @@ def test_keras_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tm
     export(model_files["vdsr"], "keras", tmp_path / "vdsr.keras")
     run_snippet(doc_snippets()[0], tmp_path)
     assert main(["upscale", str(tmp_path / "input.png"), "--scale", "3", "--model", str(model_files["vdsr"]),
-                 "-o", str(tmp_path / "reference.png"), "--device", "cpu"]) == 0
+                 "-o", str(tmp_path / "reference.png"), "--device", "cpu", "--precision", "fp32"]) == 0  # the snippet: fp32
     got = np.asarray(Image.open(tmp_path / "output.png")).astype(int)
     expected = np.asarray(Image.open(tmp_path / "reference.png")).astype(int)
     assert got.shape == expected.shape == (small.shape[0] * 3, small.shape[1] * 3, 3)
@@ -221,7 +221,7 @@ def test_onnx_snippet_equals_vdsr_upscale(model_files: dict, set5_dir: Path, tmp
     export(model_files["vdsr"], "onnx", tmp_path / "vdsr.onnx")
     run_snippet(doc_snippets()[1], tmp_path)
     assert main(["upscale", str(tmp_path / "gray.png"), "--scale", "3", "--model", str(model_files["vdsr"]),
-                 "-o", str(tmp_path / "reference.png"), "--device", "cpu"]) == 0
+                 "-o", str(tmp_path / "reference.png"), "--device", "cpu", "--precision", "fp32"]) == 0  # the snippet: fp32
     got = np.asarray(Image.open(tmp_path / "gray-output.png")).astype(int)
     expected = np.asarray(Image.open(tmp_path / "reference.png")).astype(int)
     assert got.shape == expected.shape == (288, 288)
