@@ -362,3 +362,13 @@ def visible_text(dom: str) -> str:
     """The text of a DOM as a reader sees it: no scripts or styles, tags and runs of white space as one space."""
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.DOTALL)
     return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))
+
+
+def keep_artifact(path: Path) -> Path:
+    """Copy a file worth looking at after the run to $VDSR_TEST_ARTIFACTS, when set."""
+    folder = os.environ.get("VDSR_TEST_ARTIFACTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(shutil.copy2(path, Path(folder) / path.name))
+    print(f"test artifact: {path}")
+    return path

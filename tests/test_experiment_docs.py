@@ -212,8 +212,7 @@ def test_the_dashboard_link_opens_the_set5_view_on_its_first_screen(tmp_path):
     own), best Set5 x2 first, each with its Duration, model and Set5 PSNR x2/x3/x4. The screenshot is
     kept with VDSR_TEST_ARTIFACTS=<folder>."""
     from mlflow.tracking import MlflowClient
-    from mlflow_server import MlflowServer, open_page, visible_text
-    from test_mlflow_server import keep_artifact
+    from mlflow_server import MlflowServer, keep_artifact, open_page, visible_text
 
     from vdsr import tracking
 

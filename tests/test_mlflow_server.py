@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import statistics
@@ -17,6 +16,7 @@ import pytest
 from conftest import run_checked
 from mlflow_server import (
     Streamed,
+    keep_artifact,
     list_artifacts,
     open_page,
     rest,
@@ -47,16 +47,6 @@ def assert_outputs_complete(repo: Path, epochs: int) -> None:
     _model, config, meta = load_model(repo / "models/vdsr.pt")
     assert (config.depth, config.width) == (3, 8) and meta["epochs"] == epochs
     assert (repo / "reports/results.md").is_file() and list((repo / "plots/comparison").glob("*.png"))
-
-
-def keep_artifact(path: Path) -> Path:
-    """Copy a file worth looking at after the run to $VDSR_TEST_ARTIFACTS, when set."""
-    folder = os.environ.get("VDSR_TEST_ARTIFACTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        path = Path(shutil.copy2(path, Path(folder) / path.name))
-    print(f"test artifact: {path}")
-    return path
 
 
 def test_tiny_pipeline_run_on_a_tracking_server_and_its_dashboard_page(tiny_repo, tracking_server, tmp_path):

@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from vdsr.color import rgb2ycbcr, ycbcr2rgb
 from vdsr.evaluate import Upscaler
 from vdsr.images import ImageError
-from vdsr.backends import BACKENDS, DEFAULT_BACKEND, PRECISION_CHOICES, resolve_variant, upscale_model
+from vdsr.backends import BACKENDS, DEFAULT_BACKEND, DEFAULT_PRECISION, PRECISION_CHOICES, resolve_variant, upscale_model
 from vdsr.inference import (  # the network pass, shared with training's validation and evaluation
     DEFAULT_TILE,
     Network,
@@ -646,7 +646,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "torch-compile, onnxruntime (extra onnx, fp32), openvino (extra openvino); docs/upscaling-speed.md",
     )
     parser.add_argument(
-        "--precision", choices=PRECISION_CHOICES, default="auto",
+        "--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
         help="auto (default: the fastest within 0.02 dB of exact fp32 on Set5 and Set14 at every scale, "
         "measured by bench/upscale.py: bf16 where the CPU computes it natively, AVX-512 BF16 or AMX, "
         "else fp32; fp32 for torch-nchw, onnxruntime and on a GPU) | fp32 | bf16; "
