@@ -60,10 +60,15 @@ def provenance(workspace: Path, trained: Trained, preset: str | None, shipped: P
         "data": data_hashes(workspace),
         "data_id": trained.data_id,
         "runs": runs,
-        "published": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "published": now(),
         "machine": f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores",
         "prepare": _prepare_params(workspace),
     }
+
+
+def now() -> str:
+    """The time as a card gives it: UTC to the minute."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _prepare_params(workspace: Path) -> dict[str, Any]:
@@ -328,7 +333,7 @@ def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[
     text = f"""# {title}, trained on a CPU (`{prov.get('preset') or 'custom recipe'}`)
 
 {use} Status: **{status}**. This card is written by `python -m vdsr.release publish`
-({prov['published']}); do not edit it by hand.
+({prov['published']}{_scored(prov)}); do not edit it by hand.
 
 | | |
 |---|---|
@@ -380,6 +385,11 @@ Data (md5 of DVC's `dvc.lock` in the training workspace):
 {recipe_notes.read_text().strip() if recipe_notes and recipe_notes.is_file() else ''}
 """
     write_text_atomic(path, text)
+
+
+def _scored(prov: dict[str, Any]) -> str:
+    """When ``python -m vdsr.release score`` last added scores of the same weights, if it did."""
+    return f"; scores added by `python -m vdsr.release score` {prov['scored']}" if prov.get("scored") else ""
 
 
 def _earlier_hours(trained: Trained) -> str:
