@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,3 +242,55 @@ def test_publish_of_a_new_cycle_shows_the_chain_the_averaging_and_the_self_ensem
     for text, short in model_card.continuation_targets(over, before["model"]):
         assert f"- {text}: **{'not reached' if short else 'reached'}**" in card
     assert "Targets of the CPU release" not in card
+
+
+def test_score_adds_the_self_ensemble_of_more_sets_to_the_shipped_release(
+        tiny_training, set5_dir: Path, tmp_path: Path, capsys) -> None:
+    """``python -m vdsr.release score``: the x8 self-ensemble of a set the release lacks is added to eval.json and
+    the card (equal to an independent mean of the 8 passes), the weights and curve untouched; a set already scored
+    is kept; an eval.json of other weights is refused, nothing changed."""
+    folder, _ = tiny_training
+    workspace, out = workspace_with(set5_dir, tmp_path / "ws"), tmp_path / "pretrained"
+    stand_in = workspace / "data" / "raw" / "Set14"  # two of Set5's images: quick to evaluate 8 times
+    stand_in.mkdir()
+    for name in ("bird.png", "head.png"):
+        (stand_in / name).symlink_to(set5_dir / name)
+    assert release.publish(folder / "whole.pt", workspace, out, ["Set5", "Set14"])
+    before = {name: (out / name).read_bytes() for name in (release.MODEL_FILE, release.CURVE_FILE)}
+    shipped = json.loads((out / release.EVAL_FILE).read_text())
+    assert "self_ensemble" not in shipped
+
+    assert release.score(out, workspace, ["Set14"]) == ["Set14"]
+    scores = json.loads((out / release.EVAL_FILE).read_text())
+    model = load_model(out / release.MODEL_FILE)[0]
+    plain = model_upscaler(model, torch.device("cpu"))
+
+    def by_hand(y, scale):  # the 8 symmetries of the square, each mapped back, averaged
+        outs = []
+        for turns in range(4):
+            for flip in (False, True):
+                x = np.rot90(np.fliplr(y) if flip else y, turns)
+                back = np.rot90(plain(np.ascontiguousarray(x), scale), -turns)
+                outs.append(np.fliplr(back) if flip else back)
+        return np.mean(outs, axis=0)
+
+    expected = summary(evaluate_folder(stand_in, [2, 3, 4], by_hand))
+    for scale, entry in expected.items():
+        assert scores["self_ensemble"]["Set14"][scale]["psnr"] == pytest.approx(entry["psnr"], abs=1e-3), scale
+        assert scores["self_ensemble"]["Set14"][scale]["ssim"] == pytest.approx(entry["ssim"], abs=1e-3), scale
+    assert scores["model"] == shipped["model"] and scores["weights"] == shipped["weights"]
+    assert {name: (out / name).read_bytes() for name in before} == before
+    card = (out / release.CARD_FILE).read_text()
+    assert "scores added by `python -m vdsr.release score`" in card
+    assert f"| Set14 | x2 | {scores['model']['Set14']['x2']['psnr']:.2f} / " in card
+    assert f"**{scores['self_ensemble']['Set14']['x2']['psnr']:.2f} / " in card
+    assert "Not measured on Set5 (8x the evaluation time)" in card
+
+    assert release.score(out, workspace, ["Set14"]) == []  # already there: kept, not evaluated again
+    tampered = {**scores, "weights": {"file": "vdsr.pt", "sha256": "0" * 64}}
+    (out / release.EVAL_FILE).write_text(json.dumps(tampered))
+    card_before = (out / release.CARD_FILE).read_bytes()
+    assert release.main(["score", "--self-ensemble", "Set5", "--workspace", str(workspace), "--out", str(out)]) == 1
+    assert "publish these weights again" in capsys.readouterr().err
+    assert (out / release.CARD_FILE).read_bytes() == card_before
+    assert json.loads((out / release.EVAL_FILE).read_text()) == tampered
