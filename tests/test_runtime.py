@@ -235,6 +235,24 @@ def test_losses_by_hand():
     assert sr_loss(prediction.bfloat16(), target).dtype == torch.float32  # the loss is taken in fp32
 
 
+def test_loss_border_leaves_the_patch_sides_out():
+    """``loss_border`` b: the loss of the inner (H - 2b, W - 2b) alone, as an unpadded network's valid output."""
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.rand(3, 1, 9, 9, generator=generator), torch.rand(3, 1, 9, 9, generator=generator)
+    for kind in ("l2", "mse", "l1"):
+        inner = sr_loss(prediction[..., 2:7, 2:7].clone(), target[..., 2:7, 2:7].clone(), kind)
+        assert sr_loss(prediction, target, kind, border=2).item() == pytest.approx(inner.item()), kind
+    changed = target.clone()
+    changed[..., :2, :] = 5.0  # the border does not count
+    changed[..., :, -2:] = -5.0
+    assert sr_loss(prediction, changed, "l1", border=2).item() == pytest.approx(sr_loss(prediction, target, "l1", 2).item())
+    assert sr_loss(prediction, changed, "l1").item() != pytest.approx(sr_loss(prediction, target, "l1").item())
+    with pytest.raises(ValueError, match="loss_border 5 leaves nothing of \\(9, 9\\) patches"):
+        sr_loss(prediction, target, "l1", border=5)
+    with pytest.raises(ValueError, match="loss_border must be >= 0"):
+        TrainConfig(loss_border=-1)
+
+
 def test_the_estimate_warns_of_days_on_a_cpu_and_names_quicker_options(caplog):
     with caplog.at_level(logging.INFO, logger="vdsr.train"):
         announce_estimate(25.0, 80 * 1447, 64, MODES["fp32"])  # the paper's schedule at fp32 CPU speed

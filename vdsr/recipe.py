@@ -50,6 +50,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0: one pass, floor(N / batch_size) batches; > 0: that many batches
     seed: int = 0  # model init, shuffling and augmentation
     ema_decay: float = 0.0  # weight averaging: 0 off; else an exponential moving average of the weights
+    loss_border: int = 0  # pixels left out of the loss at each side of a patch (SRCNN's valid output: 8)
 
     def __post_init__(self) -> None:
         checks = [
@@ -70,6 +71,7 @@ class TrainConfig:
             (self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0"),
             (self.seed >= 0, "seed", ">= 0"),
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
+            (self.loss_border >= 0, "loss_border", ">= 0"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -111,6 +113,7 @@ class TrainParams:
     compile: Literal[COMPILE_MODES]  # type: ignore[valid-type]
     checkpoint_minutes: float
     ema_decay: float = 0.0  # optional: sections written before weight averaging existed mean 0 (off)
+    loss_border: int = 0  # optional: 0, the loss on every pixel of the patch
 
     def __post_init__(self) -> None:
         require_field(self.depth >= 3, "depth", "an integer >= 3", self.depth)
@@ -128,6 +131,8 @@ class TrainParams:
         require_field(self.steps_per_epoch >= 0, "steps_per_epoch", "an integer >= 0", self.steps_per_epoch)
         require_field(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         require_field(0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1) (0: off)", self.ema_decay)
+        require_field(isinstance(self.loss_border, int) and self.loss_border >= 0, "loss_border",
+                      "an integer >= 0 (0: every pixel)", self.loss_border)
         require_field(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
                       "auto, cpu, cuda or cuda:N", self.device)
         require_field(self.checkpoint_minutes >= 0, "checkpoint_minutes", "a number >= 0 (0: at epoch ends only)",

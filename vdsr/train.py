@@ -152,9 +152,19 @@ def clip_gradients(parameters: Iterable[torch.Tensor], mode: str, theta: float, 
         raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
 
 
-def sr_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+def sr_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "l2", border: int = 0) -> torch.Tensor:
     """In fp32. ``l2``: the paper's 1/2 squared error summed over each patch, averaged over the
-    batch; ``mse``: the per-pixel mean squared error; ``l1``: the per-pixel mean absolute error."""
+    batch; ``mse``: the per-pixel mean squared error; ``l1``: the per-pixel mean absolute error.
+
+    ``border``: pixels left out at each side of the (N, C, H, W) patches, so that the loss sees only
+    outputs whose receptive field lies inside the patch: Dong et al. train SRCNN without padding, on
+    the valid output alone (for 9-5-5 the inner ``H - 16``; ``border`` 8 here, the network zero-padded)."""
+    if border:
+        if 2 * border >= min(prediction.shape[-2:]):
+            raise ValueError(f"loss_border {border} leaves nothing of {tuple(prediction.shape[-2:])} patches: "
+                             f"it must be below half the patch side")
+        prediction = prediction[..., border:-border, border:-border]
+        target = target[..., border:-border, border:-border]
     error = prediction.float() - target
     if kind == "l2":
         return 0.5 * error.square().sum() / prediction.shape[0]
@@ -245,10 +255,12 @@ def train_step(
     clip_theta: float,
     autocast: contextlib.AbstractContextManager,
     loss: str = "l2",
+    loss_border: int = 0,
 ) -> torch.Tensor:
-    """Forward (under ``autocast``), backward, clip, step; returns the loss, detached (not read here)."""
+    """Forward (under ``autocast``), backward, clip, step; returns the loss (:func:`sr_loss`), detached
+    (not read here)."""
     with autocast:
-        value = sr_loss(model(x), y, loss)
+        value = sr_loss(model(x), y, loss, loss_border)
     value.backward()
     clip_gradients(model.parameters(), clip, clip_theta, lr)
     optimizer.step()
@@ -584,7 +596,8 @@ def _train_epoch(plan: Plan, loop: Loop, epoch: int) -> EpochSteps:
             x, y = augment(x, y, transforms[step])
         x = x.contiguous(memory_format=plan.runtime.memory_format)
         loss = train_step(loop.step_model, state.optimizer, x, y, lr=done.lr, clip=config.clip, loss=config.loss,
-                          clip_theta=config.clip_theta, autocast=plan.runtime.autocast())
+                          loss_border=config.loss_border, clip_theta=config.clip_theta,
+                          autocast=plan.runtime.autocast())
         if state.ema is not None:
             state.ema.update_parameters(state.model)
         loss_sum += loss
