@@ -190,14 +190,15 @@ def score(out_dir: Path, workspace: Path, self_ensemble_sets: list[str], *, kind
     model_path, eval_path = out_dir / files.model, out_dir / files.eval
     if not eval_path.is_file():
         raise FileNotFoundError(f"{eval_path}: no {kind} release to score (publish one first)")
-    trained = read_trained(model_path)
-    if trained.config.name != kind:
-        raise ValueError(f"{model_path}: a {trained.config.name} model, not a {kind} release's")
     done = []
     for dataset in self_ensemble_sets:
         with atomic_dir.locked(out_dir):
             for left in atomic_dir.recover(out_dir):
                 log.info("release: %s, left by an interrupted publish", left)
+            # read under the lock, with eval.json: a publish between sets cannot mix two weights' scores
+            trained = read_trained(model_path)
+            if trained.config.name != kind:
+                raise ValueError(f"{model_path}: a {trained.config.name} model, not a {kind} release's")
             shipped = json.loads(eval_path.read_text())
             digest = sha256_file(model_path)
             if shipped.get("weights", {}).get("sha256") != digest:
