@@ -12,7 +12,7 @@ DATA_MIRROR := $(or $(VDSR_DATA_MIRROR),$(wildcard $(abspath ../shared/datasets)
 DATA_MIRROR := $(if $(wildcard $(DATA_MIRROR)),$(abspath $(DATA_MIRROR)),$(DATA_MIRROR))
 SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
 
-.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-srcnn release-publish paper-check table3 test bench
+.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-srcnn release-srcnn-per-scale release-publish paper-check table3 test bench
 
 # `--temp`: the experiment runs in a copy under .dvc/tmp/exps/, so params.yaml, dvc.lock and the
 # outputs in the workspace stay as they were; its results are kept as experiment $(SMOKE_NAME).
@@ -72,14 +72,26 @@ release-srcnn:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n release-srcnn \
 		$$($(PYTHON) -m vdsr.presets release-srcnn) train@srcnn
+# The per-scale SRCNN releases (presets/release-srcnn-per-scale.yaml): Dong et al.'s setting, one SRCNN
+# per scale trained on that scale's patches only, SCALE=2, 3 or 4, each in its own workspace (a clone:
+# prepare cuts its patches at that scale only). Then, in that workspace:
+# make release-publish RELEASE_FROM=checkpoints/srcnn/last.pt RELEASE_PRESET=release-srcnn-per-scale RELEASE_SCALE=2 \
+#     RELEASE_WEIGHTS=raw
+SCALE ?= 2
+release-srcnn-per-scale:
+	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n release-srcnn-x$(SCALE) \
+		$$($(PYTHON) -m vdsr.presets release-srcnn-per-scale) -S 'prepare.scales=[$(SCALE)]' train@srcnn
 # Evaluate the release's last checkpoint (after the last epoch it holds the final weights) on the
 # four test sets and write it to pretrained/ with the model card if it beats the shipped one on Set5.
 # RELEASE_SETS="Set5 Set14 B100" skips Urban100's ~40 minutes on a 2-core CPU.
 RELEASE_FROM ?= checkpoints/vdsr/last.pt
 RELEASE_SETS ?= Set5 Set14 B100 Urban100
 RELEASE_PRESET ?= release-cpu-v2
+RELEASE_SCALE ?=
+RELEASE_WEIGHTS ?= output
 release-publish:
-	$(PYTHON) -m vdsr.release publish --from $(RELEASE_FROM) --sets $(RELEASE_SETS) --preset $(RELEASE_PRESET)
+	$(PYTHON) -m vdsr.release publish --from $(RELEASE_FROM) --sets $(RELEASE_SETS) --preset $(RELEASE_PRESET) \
+		--weights $(RELEASE_WEIGHTS) $(if $(RELEASE_SCALE),--kind srcnn --scale $(RELEASE_SCALE))
 
 # The paper's Table 3 from the shipped models (reports/table3.md and .png; seconds: it reads the
 # releases' eval.json, checked against their weights). Run after every release, commit both.

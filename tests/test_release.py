@@ -242,6 +242,17 @@ def test_publish_of_a_new_cycle_shows_the_chain_the_averaging_and_the_self_ensem
     for text, short in model_card.continuation_targets(over, before["model"]):
         assert f"- {text}: **{'not reached' if short else 'reached'}**" in card
     assert "Targets of the CPU release" not in card
+    assert "the released weights are the averaged ones" in card
+    # --weights raw: the optimizer's weights, not the average, and the card says so
+    raw = tmp_path / "raw"
+    assert release.main(["publish", "--from", str(checkpoint), "--workspace", str(workspace_with(set5_dir, tmp_path / "ws4")),
+                         "--out", str(raw), "--sets", "Set5", "--preset", "release-cpu-v2", "--weights", "raw"]) == 0
+    released = load_model(raw / release.MODEL_FILE)[0].state_dict()
+    optimizer_weights = load_checkpoint(checkpoint)["model"]
+    assert all(torch.equal(released[k], optimizer_weights[k]) for k in released)
+    assert not all(torch.equal(released[k], load_model(out / release.MODEL_FILE)[0].state_dict()[k]) for k in released)
+    assert "the released weights are the raw ones (`python -m vdsr.release publish --weights raw`)" in (
+        raw / release.CARD_FILE).read_text()
 
 
 def test_score_adds_the_self_ensemble_of_more_sets_to_the_shipped_release(

@@ -275,6 +275,42 @@ def test_publish_keeps_each_model_kind_to_its_own_release(workspace: Path, tmp_p
         release.publish(tmp_path / "new.pt", workspace, out, ["Set5"], force=True, preset=None)
 
 
+def test_a_per_scale_release_is_published_and_scored_at_its_scale_only(
+    workspace: Path, tmp_path: Path, capsys
+) -> None:
+    """``--scale 2``: weights from a training on ``prepare.scales: [2]`` become srcnn_x2.* beside the
+    other releases, evaluated and held to the targets at x2 only; other scales' data are refused."""
+    single = tmp_path / "ws"
+    (single / "data").mkdir(parents=True)
+    (single / "data" / "raw").symlink_to(workspace / "data" / "raw")
+    (single / "params.yaml").write_text("prepare:\n  train_sets: [T91]\n  scales: [2]\n  patch_size: 41\n")
+    out, _, old = shipped_release(tmp_path, workspace)
+    srcnn = make_checkpoint(tmp_path / "srcnn.pt", TINY_SRCNN, seed=4)
+    args = ["publish", "--from", str(srcnn), "--workspace", str(single), "--out", str(out), "--sets", "Set5",
+            "--preset", "", "--kind", "srcnn"]
+    assert release.main([*args, "--scale", "3"]) == 1  # patches cut at x2 are not an x3 model
+    assert "prepare.scales is [2], but a srcnn_x3.pt release needs weights trained on [3]" in capsys.readouterr().err
+    assert release.main(args) == 1  # nor a model for every scale
+    assert "publish a single-scale training with --scale 2" in capsys.readouterr().err
+    assert files_of(out) == old
+
+    assert release.main([*args, "--scale", "2"]) == 0
+    files = files_of(out)
+    assert {name: files[name] for name in old} == old
+    assert set(files) - set(old) == {"srcnn_x2.pt", "srcnn_x2_eval.json", "srcnn_x2_val_psnr.png",
+                                     "SRCNN_X2_MODEL_CARD.md"}
+    scores = json.loads(files["srcnn_x2_eval.json"])
+    assert list(scores["model"]["Set5"]) == ["x2"] and list(scores["bicubic"]["Set5"]) == ["x2"]
+    assert scores["weights"] == {"file": "srcnn_x2.pt", "sha256": sha256_file(out / "srcnn_x2.pt")}
+    assert load_model(out / "srcnn_x2.pt")[2]["provenance"]["prepare"]["scales"] == [2]
+    card = files["SRCNN_X2_MODEL_CARD.md"].decode()
+    assert card.startswith("# SRCNN 9-5-5 (4-2) for x2") and "for x2 only" in card
+    assert "(36.36)" in card and "32.45" not in card  # its own scale's targets only
+    assert "a model for one scale (x2) only" in card and "| Set5 | x3 |" not in card
+    # the same weights again do not beat themselves; the x2 release is compared with its own
+    assert release.main([*args, "--scale", "2"]) == 0 and files_of(out) == files
+
+
 def synthetic_run(tmp_path: Path, recipe: TrainConfig, stop_after: int) -> Path:
     """A real training on 20 random 12x12 patches, stopped after ``stop_after`` epochs; its checkpoint."""
     rng = np.random.default_rng(0)

@@ -236,6 +236,51 @@ def test_evaluate_with_a_model_file(tmp_path: Path, set5_dir: Path) -> None:
     assert table["Set5"]["x2"]["psnr"] == pytest.approx(33.66, abs=0.005)  # the paper's bicubic
 
 
+def test_a_single_scale_model_is_refused_at_another_scale(
+    tmp_path: Path, model_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A file whose meta records ``provenance.prepare.scales`` (a release: srcnn_x2.pt) runs at those
+    scales only; ``vdsr evaluate`` and ``vdsr upscale`` say so naming the file, before any work. A
+    file without that record (a stage-trained model) runs at every scale, as before."""
+    path = tmp_path / "srcnn_x2.pt"
+    save_model(path, tiny_model("srcnn", 3, 4), ModelConfig("srcnn", 3, 4), {"provenance": {"prepare": {"scales": [2]}}})
+    message = (f"{path} was trained for x2 only, not x3: use a model trained for x3 ({tmp_path / 'srcnn_x3.pt'}) "
+               "or one for all scales")
+    y = rng_image((12, 10), 1.0)
+    upscaler = inference.load_upscaler(path, "cpu")
+    assert upscaler(y, 2).shape == y.shape
+    with pytest.raises(ValueError) as refused:
+        upscaler(y, 3)
+    assert str(refused.value) == message
+    with pytest.raises(ValueError, match="not x4"):
+        inference.load_upscaler(path, "cpu", scales=[2, 4])  # at load time, for the scales to come
+    assert inference.load_upscaler(model_file, "cpu", scales=[3])(y, 3).shape == y.shape  # no record: all scales
+
+    source = tmp_path / "rgb.png"
+    write_image(source, "rgb")
+    assert main(["upscale", str(source), "--scale", "2", "--model", str(path), "--device", "cpu"]) == 0
+    assert (tmp_path / "rgb_x2.png").is_file()
+    capsys.readouterr()
+    assert main(["upscale", str(source), "--scale", "3", "--model", str(path), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"vdsr upscale: error: {message}\n"
+    assert not (tmp_path / "rgb_x3.png").exists()
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "rgb.png", "rgb")
+    assert main(["evaluate", "--images", str(images), "--scales", "2", "3", "--model", str(path),
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"vdsr evaluate: error: {message}\n"
+
+    from vdsr import serve  # the served model answers the other scale with a 400 naming the file only
+
+    serve_one = serve.file_upscaler(path, "cpu")
+    serve_one(source, tmp_path / "served_x2.png", 2, 10**6)
+    assert (tmp_path / "served_x2.png").read_bytes() == (tmp_path / "rgb_x2.png").read_bytes()
+    with pytest.raises(serve.RequestError) as refused:
+        serve_one(source, tmp_path / "served_x3.png", 3, 10**6)
+    assert str(refused.value).startswith("srcnn_x2.pt was trained for x2 only, not x3") and str(tmp_path) not in str(refused.value)
+
+
 def test_16bit_colour_png_with_every_filter_type(tmp_path: Path) -> None:
     """Rows filtered None/Sub/Up/Average/Paeth, as other encoders write them, decode exactly."""
     import struct

@@ -47,7 +47,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         from vdsr.inference import load_upscaler  # torch is imported only when a model is used
         from vdsr.upscale import model_or_released
 
-        upscaler = load_upscaler(model_or_released(args.model and Path(args.model)), args.device)
+        upscaler = load_upscaler(model_or_released(args.model and Path(args.model)), args.device,
+                                 scales=args.scales)  # a single-scale model at another: refused now
     if args.self_ensemble:
         from vdsr.inference import self_ensemble
 

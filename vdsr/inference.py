@@ -26,13 +26,20 @@ sampling grid are symmetric), so transforming the bicubic luma is transforming t
 Each pass is the plain one (exact fp32 in evaluation), the mean is taken in float64; the cost is
 8 passes. The numbers it gives are reported as their own row, "VDSR+ (x8 self-ensemble)", never
 mixed with the plain model's.
+
+Scales. A model file whose meta records the scales it was trained for (a release's
+``provenance.prepare.scales``, e.g. ``[2]`` for ``pretrained/srcnn_x2.pt``) is refused at any other
+scale by :func:`load_upscaler` (``vdsr evaluate``) and :func:`load_network` given the scale
+(``vdsr upscale``), with a ``ValueError`` naming the file; files without that record (stage-trained
+``models/*.pt``) are taken as multi-scale.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -203,24 +210,78 @@ def predict_window(
     return predict_y(model, window, device, tile=0)[top - t0 : bottom - t0, left - l0 : right - l0]
 
 
-def load_network(path: Path, device: str) -> tuple[torch.nn.Module, torch.device]:
-    """The model saved at ``path`` (:func:`vdsr.models.save_model`), in eval mode on ``device``."""
-    from vdsr.models import load_model, resolve_device
+def load_network(path: Path, device: str, *, scale: int | None = None) -> tuple[torch.nn.Module, torch.device]:
+    """The model saved at ``path`` (:func:`vdsr.models.save_model`), in eval mode on ``device``.
 
-    target = resolve_device(device)
-    model, config, _meta = load_model(path, map_location=target)
-    log.info("model %s: %s depth %d width %d on %s", path, config.name, config.depth, config.width, target)
+    ``scale``: the scale it will run at; a model trained for other scales only is refused
+    (:func:`check_trained_scale`)."""
+    model, target, meta = load_with_meta(Path(path), device)
+    if scale is not None:
+        check_trained_scale(path, trained_scales(meta), scale)
     return model, target
 
 
-def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE) -> Upscaler:
+def load_with_meta(path: Path, device: str) -> tuple[torch.nn.Module, torch.device, dict]:
+    """:func:`load_network` with the file's meta (:func:`trained_scales` reads it)."""
+    from vdsr.models import load_model, resolve_device
+
+    target = resolve_device(device)
+    model, config, meta = load_model(path, map_location=target)
+    log.info("model %s: %s depth %d width %d on %s", path, config.name, config.depth, config.width, target)
+    return model, target, meta
+
+
+def trained_scales(meta: dict) -> tuple[int, ...] | None:
+    """The scales a model file was trained for: its meta's ``provenance.prepare.scales`` (what a
+    release records, :mod:`vdsr.release`), or None when the file does not say (a stage-trained
+    ``models/*.pt``: no check)."""
+    provenance = meta.get("provenance") if isinstance(meta, dict) else None
+    prepare = provenance.get("prepare") if isinstance(provenance, dict) else None
+    scales = prepare.get("scales") if isinstance(prepare, dict) else None
+    if not isinstance(scales, (list, tuple)) or not scales:
+        return None
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in scales):
+        return None
+    return tuple(scales)
+
+
+def check_trained_scale(path: Path | str, trained: tuple[int, ...] | None, scale: int) -> None:
+    """``ValueError`` naming the file, the scales it was trained for and ``scale`` when ``trained``
+    (:func:`trained_scales`) does not hold ``scale``: a single-scale model (``srcnn_x2.pt``) at
+    another scale gives a wrong picture without any other sign."""
+    if trained is None or scale in trained:
+        return
+    path = Path(path)
+    found = re.fullmatch(r"(.*_x)\d+", path.stem)
+    other = f" ({path.with_name(f'{found.group(1)}{scale}{path.suffix}')})" if found else ""
+    only = ", ".join(f"x{s}" for s in trained)
+    raise ValueError(f"{path} was trained for {only} only, not x{scale}: use a model trained for x{scale}{other} "
+                     "or one for all scales")
+
+
+def load_upscaler(path: Path, device: str, *, tile: int = DEFAULT_TILE, scales: Sequence[int] = ()) -> Upscaler:
     """An :data:`vdsr.evaluate.Upscaler` running the model at ``path`` (for ``vdsr evaluate``).
 
     Runs in exact fp32 (no autocast, no TF32), so metrics do not depend on the device's rounding.
-    The models are multi-scale: the scale argument is not used.
+    A model whose file records the scales it was trained for (``provenance.prepare.scales``: a
+    release, e.g. the single-scale ``srcnn_x2.pt``) is refused at any other scale with a
+    ``ValueError`` naming the file (:func:`check_trained_scale`): at load time for each of
+    ``scales``, the scales the caller will ask for, and at every call; other models are
+    multi-scale, the scale argument is not used.
     """
-    model, target = load_network(Path(path), device)
-    return model_upscaler(model, target, tile=tile)
+    model, target, meta = load_with_meta(Path(path), device)
+    trained = trained_scales(meta)
+    for scale in scales:
+        check_trained_scale(path, trained, scale)
+    run = model_upscaler(model, target, tile=tile)
+    if trained is None:
+        return run
+
+    def upscaler(bicubic_y: np.ndarray, scale: int) -> np.ndarray:
+        check_trained_scale(path, trained, scale)
+        return run(bicubic_y, scale)
+
+    return upscaler
 
 
 def model_upscaler(model: torch.nn.Module, device: torch.device, *, tile: int = DEFAULT_TILE) -> Upscaler:

@@ -62,7 +62,7 @@ def provenance(workspace: Path, trained: Trained, preset: str | None, shipped: P
         "runs": runs,
         "published": now(),
         "machine": f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores",
-        "prepare": _prepare_params(workspace),
+        "prepare": prepare_params(workspace),
     }
 
 
@@ -71,7 +71,7 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _prepare_params(workspace: Path) -> dict[str, Any]:
+def prepare_params(workspace: Path) -> dict[str, Any]:
     """The workspace's ``prepare`` params (training sets, scales): what the patches were cut from."""
     try:
         return dict(yaml.safe_load((workspace / "params.yaml").read_text())["prepare"])
@@ -175,8 +175,9 @@ def chain_text(trained: Trained, prov: dict[str, Any]) -> str:
             f"{_hours(total)} of training in all:\n\n" + "\n".join(lines))
 
 
-def averaging_text(history: list[dict[str, float]]) -> str:
-    """Raw against averaged weights after each epoch (Set5), when the recipe kept a moving average."""
+def averaging_text(history: list[dict[str, float]], weights: str | None = None) -> str:
+    """Raw against averaged weights after each epoch (Set5), when the recipe kept a moving average;
+    ``weights``: which of the two were released (``Trained.extra["weights"]``; "raw" or the average)."""
     rows = [row for row in history if any(k.startswith("val_psnr_raw_x") for k in row)]
     if not rows:
         return ""
@@ -188,8 +189,11 @@ def averaging_text(history: list[dict[str, float]]) -> str:
         raw = [row[f"val_psnr_raw_{s}"] for s in scales]
         lines.append(f"| {int(row['epoch'])} | {' / '.join(f'{v:.2f}' for v in avg)} | "
                      f"{' / '.join(f'{v:.2f}' for v in raw)} | {' / '.join(f'{a - r:+.3f}' for a, r in zip(avg, raw))} |")
-    return ("\n\n## Weight averaging\n\nThe recipe keeps a moving average of the weights (`ema_decay`); the "
-            "released weights are the averaged ones. Set5 validation of both, after each epoch:\n\n" + "\n".join(lines))
+    released = ("the released weights are the raw ones (`python -m vdsr.release publish --weights raw`), the "
+                "average being below them at the end of this run" if weights == "raw" else
+                "the released weights are the averaged ones")
+    return ("\n\n## Weight averaging\n\nThe recipe keeps a moving average of the weights (`ema_decay`); "
+            f"{released}. Set5 validation of both, after each epoch:\n\n" + "\n".join(lines))
 
 
 def results_rows(scores: dict[str, Any]) -> tuple[str, dict[str, bool]]:
@@ -255,10 +259,11 @@ def continuation_targets(scores: dict[str, Any], previous: dict[str, Any]) -> li
     ]
 
 
-def srcnn_targets(scores: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def srcnn_targets(scores: dict[str, Any], cells: tuple[str, ...] = CELLS) -> list[tuple[str, list[str]]]:
     """The targets of an SRCNN release, each with the cells that miss it (none: reached): must, Set5
-    within :data:`SRCNN_MUST_DB` of the paper's SRCNN at every scale; goal, at or above it."""
-    srcnn = {"Set5": {s: paper.TABLE3["Set5"][s]["srcnn"][0] for s in CELLS}}
+    within :data:`SRCNN_MUST_DB` of the paper's SRCNN at every scale; goal, at or above it. ``cells``:
+    the scales the release is for (a single-scale release is held to its own scale's targets)."""
+    srcnn = {"Set5": {s: paper.TABLE3["Set5"][s]["srcnn"][0] for s in cells}}
     must = {"Set5": {s: round(v - SRCNN_MUST_DB, 2) for s, v in srcnn["Set5"].items()}}
     return [
         (f"must, Set5 within {SRCNN_MUST_DB} dB of the paper's SRCNN at every scale "
@@ -273,18 +278,26 @@ SRCNN_SETTING = (
     "one per scale, trained without padding on ImageNet. This one is a single model for x2, x3 and x4, "
     "zero-padded, trained on VDSR's data (the 291 images, the same patches and degradation as the VDSR "
     "release): the same-data baseline of Table 3, not a copy of Dong et al.'s training.")
+SRCNN_PER_SCALE_SETTING = (
+    "Which SRCNN this is: the paper's SRCNN column is Dong et al.'s (ECCV 2014 / TPAMI 2016) 9-5-5 models, "
+    "one per scale, trained without padding on ImageNet. This one is, like theirs, a model for one scale "
+    "({scale}) only, but zero-padded and trained on VDSR's data (the {scale} patches of the 291 images, the "
+    "same degradation as the VDSR release): Dong et al.'s per-scale setting on Table 3's training data, "
+    "not a copy of their ImageNet training. Its siblings for the other scales are released beside it.")
 
 
 def targets_text(scores: dict[str, Any], reached: dict[str, bool], previous: dict[str, Any] | None,
-                 sets: tuple[str, ...], kind: str = "vdsr") -> str:
+                 sets: tuple[str, ...], kind: str = "vdsr", cells: tuple[str, ...] = CELLS) -> str:
     """The card's targets: an SRCNN release's (``kind`` srcnn, :func:`srcnn_targets`); the first CPU
     VDSR release's (``reached`` from :func:`results_rows`), or, for a release continued from a
-    shipped one (``previous``: its eval.json ``model`` table), :func:`continuation_targets`."""
+    shipped one (``previous``: its eval.json ``model`` table), :func:`continuation_targets`. ``cells``:
+    the scales the release is for."""
     if kind == "srcnn":
         lines = [f"- {text}: **{_yes(not short)}**" + (f" (short: {'; '.join(short)})" if short else "")
-                 for text, short in srcnn_targets(scores)]
+                 for text, short in srcnn_targets(scores, cells)]
+        setting = SRCNN_SETTING if len(cells) > 1 else SRCNN_PER_SCALE_SETTING.format(scale=cells[0])
         return (f"Targets of the SRCNN release{_missing(scores, sets)} (PSNR as published, to 0.01 dB):\n\n"
-                + "\n".join(lines) + "\n\n" + SRCNN_SETTING)
+                + "\n".join(lines) + "\n\n" + setting)
     if previous is None:
         return f"""Targets of the CPU release{_missing(scores, sets)}:
 
@@ -316,7 +329,10 @@ def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[
                "patches seen not recorded (a one-pass epoch, `steps_per_epoch: 0`, of a checkpoint from "
                "before the steps per epoch were recorded)")
     last = trained.history[-1] if trained.history else {}
-    title, architecture, use = _describe(config, model_path.name)
+    prepare = prov.get("prepare") or {}
+    cells = tuple(f"x{s}" for s in prepare.get("scales") or (2, 3, 4))
+    title, architecture, use = _describe(config, model_path.name, cells)
+    shown = "val_psnr_raw_" if _validated(trained) else "val_psnr_"  # the validation of the weights released
     runs = prov["runs"]
     run_lines = [
         f"| `{run_id}` | {info.get('name', '?')} | {_when(info.get('start'))} | {_when(info.get('end'))} | "
@@ -327,7 +343,6 @@ def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[
     warm = trained.extra.get("warm_starts") or []
     recipe_notes = RECIPE_NOTES / f"{prov['preset']}.md" if prov.get("preset") else None
     size_mb = model_path.stat().st_size / 1e6
-    prepare = prov.get("prepare") or {}
     trained_on = (f"{' + '.join(prepare.get('train_sets', ['?']))}, {prepare.get('patch_size', '?')}x"
                   f"{prepare.get('patch_size', '?')} patches at {'/'.join(f'x{s}' for s in prepare.get('scales', []))}")
     text = f"""# {title}, trained on a CPU (`{prov.get('preset') or 'custom recipe'}`)
@@ -338,7 +353,7 @@ def write_card(path: Path, trained: Trained, scores: dict[str, Any], prov: dict[
 | | |
 |---|---|
 | file | `pretrained/{model_path.name}` ({size_mb:.1f} MB, sha256 `{digest}`), `torch.load(weights_only=True)` |
-| model | {architecture}, one model for x2, x3, x4 |
+| model | {architecture}, {"one model for " + ", ".join(cells) if len(cells) > 1 else "for " + cells[0] + " only"} |
 | input / output | Y of BT.601 (MATLAB `rgb2ycbcr`) / 255, bicubic-upscaled (MATLAB `imresize`); Cb/Cr bicubic |
 | trained on | {trained_on} (params.yaml `prepare`), {patches} |
 | training time | {_hours(trained.position.elapsed_s)} of training and validation (runs summed, up to the last checkpoint){_earlier_hours(trained)} |
@@ -353,18 +368,18 @@ columns are its Table 3 (291 training images, 80 epochs on a GPU).
 
 {table}{plus_rows(scores, config.name)}
 
-{targets_text(scores, reached, previous, sets, config.name)}
+{targets_text(scores, reached, previous, sets, config.name, cells)}
 
 ![validation PSNR against training time]({curve})
 
-Validation (Set5, after each epoch) at the last epoch, {int(last.get('epoch', 0))}:
-{', '.join(f"{k.removeprefix('val_psnr_')} {v:.2f} dB" for k, v in last.items() if k.startswith('val_psnr_x')) or '-'}.{_after_epoch(trained.position.step)}
+Validation (Set5, after each epoch) at the last epoch, {int(last.get('epoch', 0))}{_validated(trained)}:
+{', '.join(f"{k.removeprefix(shown)} {v:.2f} dB" for k, v in last.items() if k.startswith(shown + 'x')) or '-'}.{_after_epoch(trained.position.step)}
 
 ## How it was trained
 
 `make {prov.get('preset') or 'release-cpu'}` (`presets/{prov.get('preset')}.yaml` applied to `params.yaml` with `dvc exp run -S`),
 in resumed runs: each stop writes a checkpoint, the next run continues it exactly.
-{_warm_text(warm)}{chain_text(trained, prov)}{averaging_text(trained.history)}
+{_warm_text(warm)}{chain_text(trained, prov)}{averaging_text(trained.history, trained.extra.get("weights"))}
 
 Recipe (`train.{config.name}` as trained):
 
@@ -387,6 +402,14 @@ Data (md5 of DVC's `dvc.lock` in the training workspace):
     write_text_atomic(path, text)
 
 
+def _validated(trained: Trained) -> str:
+    """Which weights the last validation line is of, when a release took the raw ones."""
+    last = trained.history[-1] if trained.history else {}
+    if trained.extra.get("weights") == "raw" and any(k.startswith("val_psnr_raw_x") for k in last):
+        return ", of the raw weights released"
+    return ""
+
+
 def _scored(prov: dict[str, Any]) -> str:
     """When ``python -m vdsr.release score`` last added scores of the same weights, if it did."""
     return f"; scores added by `python -m vdsr.release score` {prov['scored']}" if prov.get("scored") else ""
@@ -400,18 +423,26 @@ def _earlier_hours(trained: Trained) -> str:
     return f", after {_hours(before)} of the earlier cycles it was warm-started from (the chain below)"
 
 
-def _describe(config: ModelConfig, file_name: str) -> tuple[str, str, str]:
-    """Title, architecture and use of the card, for the model kind (``config.name``)."""
+def _describe(config: ModelConfig, file_name: str, cells: tuple[str, ...] = CELLS) -> tuple[str, str, str]:
+    """Title, architecture and use of the card, for the model kind (``config.name``) and the scales
+    it is for (``cells``)."""
     if config.name == "vdsr":
         return (f"VDSR {config.depth}x{config.width}",
                 f"VDSR: {config.depth} conv layers 3x3x{config.width} + ReLU, residual (input + output)",
                 "The released weights of this project: `vdsr upscale` and `vdsr evaluate` use them when `--model`\n"
                 "is omitted.")
-    return (f"SRCNN 9-5-5 ({config.width}-{config.width // 2})",
-            f"SRCNN 9-5-5: conv 9x9x{config.width}, 5x5x{config.width // 2}, 5x5x1, ReLU after the first two, "
-            "zero-padded, no residual (maps the bicubic input to HR)",
-            f"The project's SRCNN baseline: `vdsr upscale --model pretrained/{file_name}` and `vdsr evaluate\n"
-            f"--model pretrained/{file_name}` use it.")
+    architecture = (f"SRCNN 9-5-5: conv 9x9x{config.width}, 5x5x{config.width // 2}, 5x5x1, ReLU after the first "
+                    "two, zero-padded, no residual (maps the bicubic input to HR)")
+    title = f"SRCNN 9-5-5 ({config.width}-{config.width // 2})"
+    if len(cells) == 1:
+        scale = cells[0].removeprefix("x")
+        return (f"{title} for x{scale}", architecture,
+                (f"The project's per-scale SRCNN baseline for x{scale}: `vdsr upscale --model pretrained/{file_name} "
+                 f"--scale {scale}`\nand `vdsr evaluate --model pretrained/{file_name} --scales {scale}` use it "
+                 "(another scale is refused)."))
+    return (title, architecture,
+            (f"The project's SRCNN baseline: `vdsr upscale --model pretrained/{file_name}` and `vdsr evaluate\n"
+             f"--model pretrained/{file_name}` use it."))
 
 
 def _missing(scores: dict[str, Any], sets: tuple[str, ...]) -> str:

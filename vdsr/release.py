@@ -21,6 +21,12 @@ checkpoint of another kind is refused, ``--force`` or not. VDSR's files have the
 SRCNN release goes beside them as ``srcnn.pt``, ``srcnn_eval.json``, ``srcnn_val_psnr.png`` and
 ``SRCNN_MODEL_CARD.md`` (:func:`release_files`), and each kind is compared with its own.
 
+``--scale S`` publishes a single-scale model, the field's convention for SRCNN (Dong et al. train one
+model per scale): weights trained on ``prepare.scales: [S]`` only, evaluated at xS only, as
+``srcnn_xS.pt``, ``srcnn_xS_eval.json``, ``srcnn_xS_val_psnr.png`` and ``SRCNN_XS_MODEL_CARD.md``,
+compared with the release of the same name. A workspace whose patches were cut at other scales is
+refused; ``vdsr upscale`` refuses such a model at another scale (:mod:`vdsr.inference`).
+
 ``python -m vdsr.release warm-start`` turns ``pretrained/vdsr.pt`` back into a training checkpoint
 at the position it was released at (weights, history and elapsed time; the optimizer starts fresh,
 the released file holds no optimizer state), so ``make release-cpu`` continues it on a new machine.
@@ -72,6 +78,7 @@ class ReleaseFiles:
     """The four files of one model kind's release, in the release folder (:func:`release_files`)."""
 
     kind: str  # ModelConfig.name
+    scales: tuple[int, ...]  # the scales the release is for and evaluated at: SCALES, or one (per-scale)
     model: str
     eval: str
     curve: str
@@ -82,15 +89,20 @@ class ReleaseFiles:
         return self.model, self.eval, self.curve, self.card
 
 
-def release_files(kind: str) -> ReleaseFiles:
+def release_files(kind: str, scale: int | None = None) -> ReleaseFiles:
     """VDSR's release keeps its names (vdsr.pt, eval.json, val_psnr.png, MODEL_CARD.md); another
-    kind's are named after it (srcnn.pt, srcnn_eval.json, srcnn_val_psnr.png, SRCNN_MODEL_CARD.md)."""
+    kind's are named after it (srcnn.pt, srcnn_eval.json, srcnn_val_psnr.png, SRCNN_MODEL_CARD.md);
+    a single-scale release (``scale``) after the kind and scale (srcnn_x2.pt, srcnn_x2_eval.json,
+    srcnn_x2_val_psnr.png, SRCNN_X2_MODEL_CARD.md)."""
     if kind not in MODELS:
         raise ValueError(f"release kind must be one of {', '.join(MODELS)}, got {kind!r}")
-    if kind == "vdsr":
-        return ReleaseFiles(kind, MODEL_FILE, EVAL_FILE, CURVE_FILE, CARD_FILE)
-    return ReleaseFiles(kind, f"{kind}.pt", f"{kind}_{EVAL_FILE}", f"{kind}_{CURVE_FILE}",
-                        f"{kind.upper()}_{CARD_FILE}")
+    if scale is not None and scale not in SCALES:
+        raise ValueError(f"release scale must be one of {', '.join(map(str, SCALES))}, got {scale!r}")
+    if kind == "vdsr" and scale is None:
+        return ReleaseFiles(kind, SCALES, MODEL_FILE, EVAL_FILE, CURVE_FILE, CARD_FILE)
+    name = kind if scale is None else f"{kind}_x{scale}"
+    return ReleaseFiles(kind, SCALES if scale is None else (scale,), f"{name}.pt", f"{name}_{EVAL_FILE}",
+                        f"{name}_{CURVE_FILE}", f"{name.upper()}_{CARD_FILE}")
 
 
 def evaluate_sets(model: torch.nn.Module, raw_dir: Path, sets: list[str], scales: list[int], *,
@@ -120,32 +132,53 @@ def evaluate_sets(model: torch.nn.Module, raw_dir: Path, sets: list[str], scales
     return result
 
 
-def set5_mean(table: dict[str, Any]) -> float | None:
-    """Mean PSNR over :data:`SCALES` on :data:`COMPARED_ON`; None if the table lacks a scale."""
+def set5_mean(table: dict[str, Any], scales: tuple[int, ...] = SCALES) -> float | None:
+    """Mean PSNR over ``scales`` on :data:`COMPARED_ON`; None if the table lacks a scale."""
     scores = table.get(COMPARED_ON, {})
-    if not all(f"x{s}" in scores for s in SCALES):
+    if not all(f"x{s}" in scores for s in scales):
         return None
-    return sum(scores[f"x{s}"]["psnr"] for s in SCALES) / len(SCALES)
+    return sum(scores[f"x{s}"]["psnr"] for s in scales) / len(scales)
+
+
+def check_scales(workspace: Path, files: ReleaseFiles) -> None:
+    """A single-scale release needs weights trained on that scale only: ``ValueError`` naming the
+    workspace's ``prepare.scales`` otherwise (and for a multi-scale release from a single-scale training)."""
+    from vdsr.model_card import prepare_params
+
+    trained_at = prepare_params(workspace).get("scales")
+    single = len(files.scales) == 1
+    if trained_at is None and not single:
+        return  # a workspace without params.yaml: nothing to check a multi-scale release against
+    if trained_at is None or (single and list(trained_at) != list(files.scales)) or (not single and len(trained_at) == 1):
+        want = f"[{files.scales[0]}]" if single else "several scales"
+        raise ValueError(f"{workspace / 'params.yaml'}: prepare.scales is {trained_at}, but a {files.model} release "
+                         f"needs weights trained on {want}" + ("" if single else
+                         f"; publish a single-scale training with --scale {trained_at[0]}"))
 
 
 def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, force: bool = False,
             preset: str | None = "release-cpu", kind: str | None = None,
-            self_ensemble_sets: list[str] = ()) -> bool:
+            self_ensemble_sets: list[str] = (), scale: int | None = None, weights: str = "output") -> bool:
     """Evaluate ``source`` and, if it beats ``out_dir``'s release of its kind on Set5 (or ``force``),
     write that release's four files there, all at once (:func:`write_release`). Returns whether it did.
 
     ``kind``: the release's model kind (default: the checkpoint's); ``ValueError`` if the checkpoint,
     or the model file already released under that kind's name, is of another kind, ``force`` or not.
     ``self_ensemble_sets``: also score the x8 self-ensemble there (eval.json ``self_ensemble``, the
-    card's "+" rows); the decision is the plain model's alone.
+    card's "+" rows); the decision is the plain model's alone. ``scale``: a single-scale release
+    (:func:`release_files`), trained on that scale only (:func:`check_scales`), evaluated there only.
+    ``weights``: a checkpoint's "output" (the moving average where the recipe keeps one) or "raw"
+    (the optimizer's weights; :func:`vdsr.checkpoints.read_trained`), which the card then names.
     """
-    trained = read_trained(source)
+    trained = read_trained(source, weights)
     kind = kind or trained.config.name
-    files = release_files(kind)
+    files = release_files(kind, scale)
     if trained.config.name != kind:
         raise ValueError(f"{source}: a {trained.config.name} model ({trained.config}), not a {kind} release's "
                          f"(--force does not change that); its own release is --kind {trained.config.name}, "
                          f"{out_dir / release_files(trained.config.name).model}")
+    check_scales(workspace, files)
+    scales = list(files.scales)
     raw_dir = workspace / "data" / "raw"
     log.info("release: %s (%s, %s) on %s", source, trained.config, trained.progress(), ", ".join(sets))
     out_dir = out_dir.resolve()  # a link to the release folder: the folder is what gets replaced
@@ -157,18 +190,18 @@ def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, fo
         previous = shipped_record(out_dir, files) if trained.extra.get("earlier") else None
         # The deciding set first, so that weights which do not beat the release cost only its ~20 s (on 2 cores).
         ordered = sorted(sets, key=lambda name: name != COMPARED_ON)
-        scores = evaluate_sets(trained.model, raw_dir, ordered[:1], list(SCALES))
-        new = set5_mean(scores["model"])
+        scores = evaluate_sets(trained.model, raw_dir, ordered[:1], scales)
+        new = set5_mean(scores["model"], files.scales)
         if not force and old is not None and (new is None or new <= old):
             log.info("release: Set5 mean %s dB does not beat the shipped %.3f dB; %s left as it is",
                      f"{new:.3f}" if new is not None else "?", old, out_dir / files.model)
             return False
         if ordered[1:]:
-            more = evaluate_sets(trained.model, raw_dir, ordered[1:], list(SCALES))
+            more = evaluate_sets(trained.model, raw_dir, ordered[1:], scales)
             for part, tables in more.items():
                 scores[part].update(tables)
         if self_ensemble_sets:
-            scores.update(evaluate_sets(trained.model, raw_dir, list(self_ensemble_sets), list(SCALES),
+            scores.update(evaluate_sets(trained.model, raw_dir, list(self_ensemble_sets), scales,
                                         self_ensemble=True))
         write_release(out_dir, files, trained, scores, workspace, preset, previous)
     log.info("release: wrote %s in %s (Set5 mean %.3f dB, shipped before: %s)", ", ".join(files.names), out_dir,
@@ -176,7 +209,8 @@ def publish(source: Path, workspace: Path, out_dir: Path, sets: list[str], *, fo
     return True
 
 
-def score(out_dir: Path, workspace: Path, self_ensemble_sets: list[str], *, kind: str = "vdsr") -> list[str]:
+def score(out_dir: Path, workspace: Path, self_ensemble_sets: list[str], *, kind: str = "vdsr",
+          scale: int | None = None) -> list[str]:
     """Add the x8 self-ensemble of ``self_ensemble_sets`` to the shipped release of ``kind`` in ``out_dir``,
     the weights unchanged: for each set not scored yet, in turn, its ``self_ensemble`` table is added to
     eval.json and the card is written again from the model file's own record, the two replaced together
@@ -184,8 +218,9 @@ def score(out_dir: Path, workspace: Path, self_ensemble_sets: list[str], *, kind
     if a later one is interrupted, and the same command goes on from there. Returns the sets scored.
 
     ``ValueError`` if eval.json's ``weights.sha256`` is not the model file's (its scores would be of
-    other weights: publish those again) or the file holds another model kind."""
-    files = release_files(kind)
+    other weights: publish those again) or the file holds another model kind. ``scale``: the
+    single-scale release of :func:`release_files`."""
+    files = release_files(kind, scale)
     out_dir = out_dir.resolve()
     model_path, eval_path = out_dir / files.model, out_dir / files.eval
     if not eval_path.is_file():
@@ -207,7 +242,8 @@ def score(out_dir: Path, workspace: Path, self_ensemble_sets: list[str], *, kind
             if dataset in shipped.get("self_ensemble", {}):
                 log.info("release: %s x8 self-ensemble already in %s; kept", dataset, eval_path)
                 continue
-            more = evaluate_sets(trained.model, workspace / "data" / "raw", [dataset], list(SCALES), self_ensemble=True)
+            more = evaluate_sets(trained.model, workspace / "data" / "raw", [dataset], list(files.scales),
+                                 self_ensemble=True)
             for part, tables in more.items():
                 shipped.setdefault(part, {}).update(tables)
             _write_scores(out_dir, files, trained, shipped)
@@ -248,7 +284,7 @@ def shipped_score(out_dir: Path, files: ReleaseFiles) -> float | None:
                              f"{', '.join(files.names[1:])}) to publish a {files.kind} release there")
     if not eval_path.is_file():
         return None
-    return set5_mean(json.loads(eval_path.read_text())["model"])
+    return set5_mean(json.loads(eval_path.read_text())["model"], files.scales)
 
 
 def shipped_record(out_dir: Path, files: ReleaseFiles) -> dict[str, Any] | None:
@@ -384,12 +420,18 @@ def main(argv: list[str] | None = None) -> int:
                           "(Set5 minutes, B100 about 1.5 h on 2 CPU cores)")
     pub.add_argument("--kind", choices=MODELS, help="the release's model kind (default: the checkpoint's; "
                      "vdsr: pretrained/vdsr.pt, srcnn: pretrained/srcnn.pt); another kind is refused")
+    pub.add_argument("--weights", choices=("output", "raw"), default="output",
+                     help="a checkpoint's weights to release: output (the moving average where the recipe keeps "
+                          "one, ema_decay > 0) or raw (the optimizer's; the card's averaging table shows both)")
+    pub.add_argument("--scale", type=int, choices=SCALES, help="a single-scale release (srcnn_x2.pt, ...): weights "
+                     "trained on prepare.scales [SCALE] only, evaluated at that scale only")
     scoring = commands.add_parser("score", help="add the x8 self-ensemble of more sets to the shipped release "
                                   "(weights unchanged; eval.json and the card rewritten together)")
     scoring.add_argument("--self-ensemble", nargs="+", required=True, choices=SETS, metavar="SET",
                          help="sets to score as VDSR+ (x8 self-ensemble), each added as it is done: 8x their "
                               "evaluation time (Set14 about 20 min, B100 about 1.5 h on 2 CPU cores)")
     scoring.add_argument("--kind", choices=MODELS, default="vdsr", help="the release scored (default: vdsr)")
+    scoring.add_argument("--scale", type=int, choices=SCALES, help="the single-scale release scored (srcnn_x2.pt, ...)")
     scoring.add_argument("--workspace", type=Path, default=Path.cwd(), help="where data/raw holds the test sets")
     scoring.add_argument("--out", type=Path, default=RELEASE_DIR)
     warm = commands.add_parser("warm-start", help="a training checkpoint from the released weights")
@@ -404,9 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "publish":
             publish(args.source, args.workspace, args.out, args.sets, force=args.force, preset=args.preset or None,
-                    kind=args.kind, self_ensemble_sets=args.self_ensemble)
+                    kind=args.kind, self_ensemble_sets=args.self_ensemble, scale=args.scale,
+                    weights=args.weights)
         elif args.command == "score":
-            score(args.out, args.workspace, args.self_ensemble, kind=args.kind)
+            score(args.out, args.workspace, args.self_ensemble, kind=args.kind, scale=args.scale)
         else:
             warm_start(args.model, args.to, args.data,
                        preset_recipe(args.new_cycle) if args.new_cycle else None)

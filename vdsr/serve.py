@@ -85,11 +85,16 @@ def file_upscaler(model_path: Path, device: str = "auto", tile: int = SERVE_TILE
     """
     from vdsr import backends, inference, upscale
 
-    model, target = inference.load_network(Path(model_path), device)
+    model, target, meta = inference.load_with_meta(Path(model_path), device)
+    trained = inference.trained_scales(meta)  # a single-scale model (srcnn_x2.pt) answers its scale only
     variant = backends.resolve_variant(backend or backends.DEFAULT_BACKEND, precision, target)
     luma = backends.variant_upscaler(model, target, variant, tile=tile)
 
     def upscale_file(source: Path, output: Path, scale: int, max_pixels: int) -> None:
+        try:  # the file's name only: the server's paths stay out of the answer
+            inference.check_trained_scale(Path(model_path).name, trained, scale)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
         picture = upscale.read_picture(source, max_pixels)
         upscale.write_picture(output, upscale.upscale_picture(picture, scale, luma))
 
@@ -140,6 +145,8 @@ def upscale_png(upscale_file: FileUpscaler, data: bytes, scale: int, row: int, m
         except ImageError as error:
             message = str(error).removeprefix(f"{source}: ").replace(str(source), "the image")
             raise RequestError(f"row {row}: image: {message}") from None
+        except RequestError as error:
+            raise RequestError(f"row {row}: {error}") from None
         return output.read_bytes()
 
 

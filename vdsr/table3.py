@@ -7,6 +7,14 @@ VDSR+ (ours, the x8 self-ensemble of the same weights, :mod:`vdsr.inference`, wh
 measured; compared with the paper's plain VDSR, which has no such row). PSNR / SSIM on Y with
 ``scale`` pixels shaved, in exact fp32 (:mod:`vdsr.evaluate`).
 
+SRCNN may be shipped two ways, each its own column compared with the paper's SRCNN: one model for
+all scales (``srcnn.pt``), and one model per scale as Dong et al. trained it (``srcnn_x2.pt``,
+``srcnn_x3.pt``, ``srcnn_x4.pt``, :func:`release_names`), whose column "srcnn (one per scale)"
+takes each scale's cells from that scale's release (x2 from ``srcnn_x2_eval.json``, ...). With
+both shipped the first is labelled "srcnn (one for x2-x4)"; a scale whose release is not shipped
+shows "–" and the report names the missing files. Bicubic comes from the first column's
+evaluation (merged the same way when that is the per-scale one; a scale it lacks from the next).
+
 The scores are the releases' own ``eval.json``, written by ``python -m vdsr.release publish``
 together with the weights; they are used only while the weights file still has the sha256 the
 release recorded (``eval.json`` key ``weights.sha256``, or for releases made before that key,
@@ -33,6 +41,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 REPORT, FIGURE = Path("reports/table3.md"), Path("reports/table3.png")
 PLUS = "self_ensemble"  # eval.json key of the x8 self-ensemble's table
+PER_SCALE = {"srcnn": (2, 3, 4)}  # kinds also shipped as one model per scale, and those scales
 
 
 @dataclass(frozen=True)
@@ -43,19 +52,68 @@ class Release:
     weights: Path
     scores: Path
     card: Path
+    scale: int | None = None  # a per-scale release's one scale (srcnn_x2.pt: 2); None: one model for all
+
+
+def release_names(kind: str, scale: int | None = None) -> tuple[str, str, str]:
+    """(weights, eval, card) file names of a release, as :func:`vdsr.release.release_files` gives them
+    (``scale``: a single-scale release, srcnn_x2.pt, srcnn_x2_eval.json, SRCNN_X2_MODEL_CARD.md)."""
+    from vdsr.release import release_files
+
+    files = release_files(kind, scale)
+    return files.model, files.eval, files.card
 
 
 def shipped_releases(root: Path = ROOT) -> list[Release]:
-    """The releases present under ``root/pretrained``, SRCNN first (the paper's column order); file
-    names as :func:`vdsr.release.release_files` gives them."""
-    from vdsr.release import release_files
-
+    """The releases present under ``root/pretrained``, SRCNN first (the paper's column order): for
+    each kind the model for all scales, then the per-scale ones by scale (:func:`release_names`)."""
+    folder = root / "pretrained"
     releases = []
     for kind in ("srcnn", "vdsr"):
-        files = release_files(kind)
-        folder = root / "pretrained"
-        releases.append(Release(kind, folder / files.model, folder / files.eval, folder / files.card))
+        for scale in (None, *PER_SCALE.get(kind, ())):
+            model, scores, card = release_names(kind, scale)
+            releases.append(Release(kind, folder / model, folder / scores, folder / card, scale))
     return [release for release in releases if release.weights.is_file()]
+
+
+@dataclass(frozen=True)
+class Source:
+    """The releases of one model column: one for all scales, or a kind's per-scale releases."""
+
+    label: str
+    kind: str
+    releases: tuple[Release, ...]
+
+    @property
+    def per_scale(self) -> bool:
+        return self.releases[0].scale is not None
+
+
+def sources(releases: list[Release]) -> list[Source]:
+    """The model columns of ``releases`` in their order: each release for all scales alone, each
+    kind's per-scale releases together as "<kind> (one per scale)"; a kind's release for all scales
+    is labelled "<kind> (one for x2-x4)" (its scales) when the per-scale column is there too."""
+    groups: dict[tuple[str, bool], list[Release]] = {}
+    for release in releases:
+        groups.setdefault((release.kind, release.scale is not None), []).append(release)
+    found = []
+    for (kind, per_scale), members in groups.items():
+        if per_scale:
+            label = f"{kind} (one per scale)"
+        elif (kind, True) in groups:
+            label = f"{kind} (one for {_span(release_scores(members[0])['model'])})"
+        else:
+            label = kind
+        found.append(Source(label, kind, tuple(members)))
+    return found
+
+
+def _span(table: paper.Table) -> str:
+    """The scales of ``table`` as text: "x2-x4" when consecutive, else "x2, x4"."""
+    scales = sorted({int(key[1:]) for by_scale in table.values() for key in by_scale})
+    if len(scales) > 2 and scales == list(range(scales[0], scales[-1] + 1)):
+        return f"x{scales[0]}-x{scales[-1]}"
+    return ", ".join(f"x{scale}" for scale in scales)
 
 
 def recorded_sha256(release: Release, scores: dict[str, Any]) -> str | None:
@@ -71,7 +129,8 @@ def recorded_sha256(release: Release, scores: dict[str, Any]) -> str | None:
 def release_scores(release: Release) -> dict[str, Any]:
     """The release's eval.json, checked against its weights; ``ValueError`` naming the files if stale."""
     if not release.scores.is_file():
-        raise ValueError(f"{release.scores}: missing; run `python -m vdsr.release publish` for {release.weights}")
+        scale = "" if release.scale is None else f" --scale {release.scale}"
+        raise ValueError(f"{release.scores}: missing; run `python -m vdsr.release publish{scale}` for {release.weights}")
     scores = json.loads(release.scores.read_text())
     recorded, actual = recorded_sha256(release, scores), sha256_file(release.weights)
     if recorded != actual:
@@ -80,28 +139,68 @@ def release_scores(release: Release) -> dict[str, Any]:
     return scores
 
 
+def source_tables(source: Source) -> dict[str, paper.Table]:
+    """``{"model", "bicubic"[, PLUS]: table}`` of a column: its release's eval.json, or for per-scale
+    releases each one's cells at its own scale, merged (sets in the first release's order, scales
+    ascending); each release checked by :func:`release_scores`."""
+    if not source.per_scale:
+        scores = release_scores(source.releases[0])
+        return {key: scores[key] for key in ("model", "bicubic", PLUS) if scores.get(key)}
+    merged: dict[str, paper.Table] = {}
+    for release in source.releases:
+        scores, key = release_scores(release), f"x{release.scale}"
+        if not any(key in by_scale for by_scale in scores["model"].values()):
+            raise ValueError(f"{release.scores} has no {key} scores, but {release.weights} is the {key} release: "
+                             f"publish it again (python -m vdsr.release publish --scale {release.scale})")
+        for table in ("model", "bicubic", PLUS):
+            for dataset, by_scale in (scores.get(table) or {}).items():
+                if key in by_scale:
+                    merged.setdefault(table, {}).setdefault(dataset, {})[key] = by_scale[key]
+    return merged
+
+
 def columns(releases: list[Release]) -> list[paper.Column]:
-    """Table columns: bicubic (from the first release's evaluation), then each model, then VDSR+."""
+    """Table columns: bicubic (from the first column's evaluation; a cell it lacks, at a scale
+    whose per-scale release is not shipped, from the next column's that has it), then each model
+    column of :func:`sources`, then the x8 self-ensembles ("<kind>+") where measured."""
     cols: list[paper.Column] = []
     plus: list[paper.Column] = []
-    for release in releases:
-        scores = release_scores(release)
-        if not cols:
-            cols.append(paper.Column("bicubic", "bicubic", scores["bicubic"]))
-        cols.append(paper.Column(release.kind, release.kind, scores["model"]))
-        if scores.get(PLUS):
-            plus.append(paper.Column(f"{release.kind}+ (x8 self-ensemble)", release.kind, scores[PLUS]))
+    bicubic: paper.Table = {}
+    for source in sources(releases):
+        tables = source_tables(source)
+        for dataset, by_scale in tables["bicubic"].items():  # the first's; cells it lacks from the next
+            bicubic[dataset] = {**by_scale, **bicubic.get(dataset, {})}
+        cols.append(paper.Column(source.label, source.kind, tables["model"]))
+        if tables.get(PLUS):
+            variant = source.label.removeprefix(source.kind).strip(" ()")
+            label = f"{source.kind}+ ({variant + ', ' if variant else ''}x8 self-ensemble)"
+            plus.append(paper.Column(label, source.kind, tables[PLUS]))
     if not cols:
         raise ValueError(f"no shipped release under {ROOT / 'pretrained'}")
-    return cols + plus
+    bicubic = {dataset: dict(sorted(by_scale.items(), key=lambda item: int(item[0][1:])))
+               for dataset, by_scale in bicubic.items()}  # the rows of the table: x2, x3, x4 per set
+    return [paper.Column("bicubic", "bicubic", bicubic), *cols, *plus]
+
+
+def _relative(path: Path) -> Path:
+    return path.relative_to(path.parents[1])
 
 
 def report_text(releases: list[Release]) -> str:
-    """reports/table3.md: the table and where each column comes from."""
-    sources = [f"- `{r.kind}`: `{r.weights.relative_to(r.weights.parents[1])}` (sha256 "
-               f"`{sha256_file(r.weights)[:16]}...`), scores from `{r.scores.relative_to(r.scores.parents[1])}`"
-               for r in releases]
+    """reports/table3.md: the table and where each column comes from (every release file used)."""
+    lines_of_sources = []
+    for source in sources(releases):
+        for r in source.releases:
+            at = "" if r.scale is None else f" x{r.scale}"
+            lines_of_sources.append(f"- `{source.label}`{at}: `{_relative(r.weights)}` (sha256 "
+                                    f"`{sha256_file(r.weights)[:16]}...`), scores from `{_relative(r.scores)}`")
     missing = [kind for kind in ("srcnn", "vdsr") if kind not in {r.kind for r in releases}]
+    partial = []
+    for kind, scales in PER_SCALE.items():
+        shipped = {r.scale for r in releases if r.kind == kind and r.scale is not None}
+        if shipped and set(scales) - shipped:
+            names = ", ".join(f"`pretrained/{release_names(kind, s)[0]}`" for s in scales if s not in shipped)
+            partial.append(f"Not shipped yet: {names} (the \"{kind} (one per scale)\" column shows – there).")
     lines = [
         "# Table 3 of the paper, from the shipped models",
         "",
@@ -114,10 +213,12 @@ def report_text(releases: list[Release]) -> str:
         "",
         "Sources:",
         "",
-        *sources,
+        *lines_of_sources,
     ]
     if missing:
         lines += ["", f"Not shipped yet: {', '.join(missing)} (its column is absent)."]
+    for line in partial:
+        lines += ["", line]
     return "\n".join(lines) + "\n"
 
 

@@ -705,7 +705,7 @@ def run(args: argparse.Namespace) -> int:
             not_written.append(job.image)
     if not ready:
         return _finish(not_written, len(args.images))
-    model, device = load_network(Path(model_or_released(args.model)), args.device)
+    model, device = load_network(Path(model_or_released(args.model)), args.device, scale=args.scale)
     radius = receptive_radius(model)
     if args.overlap is not None and args.overlap < radius:
         raise ValueError(f"--overlap {args.overlap} is below the model's receptive-field radius {radius}")
