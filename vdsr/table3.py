@@ -9,7 +9,7 @@ measured; compared with the paper's plain VDSR, which has no such row). PSNR / S
 
 SRCNN may be shipped two ways, each its own column compared with the paper's SRCNN: one model for
 all scales (``srcnn.pt``), and one model per scale as Dong et al. trained it (``srcnn_x2.pt``,
-``srcnn_x3.pt``, ``srcnn_x4.pt``, :func:`release_names`), whose column "srcnn (one per scale)"
+``srcnn_x3.pt``, ``srcnn_x4.pt``, :func:`vdsr.release.release_files`), whose column "srcnn (one per scale)"
 takes each scale's cells from that scale's release (x2 from ``srcnn_x2_eval.json``, ...). With
 both shipped the first is labelled "srcnn (one for x2-x4)"; a scale whose release is not shipped
 shows "–" and the report names the missing files. Bicubic comes from the first column's
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 REPORT, FIGURE = Path("reports/table3.md"), Path("reports/table3.png")
 PLUS = "self_ensemble"  # eval.json key of the x8 self-ensemble's table
-PER_SCALE = {"srcnn": (2, 3, 4)}  # kinds also shipped as one model per scale, and those scales
+PER_SCALE = ("srcnn",)  # kinds also shipped as one model per scale (at vdsr.release.SCALES)
 
 
 @dataclass(frozen=True)
@@ -55,24 +55,17 @@ class Release:
     scale: int | None = None  # a per-scale release's one scale (srcnn_x2.pt: 2); None: one model for all
 
 
-def release_names(kind: str, scale: int | None = None) -> tuple[str, str, str]:
-    """(weights, eval, card) file names of a release, as :func:`vdsr.release.release_files` gives them
-    (``scale``: a single-scale release, srcnn_x2.pt, srcnn_x2_eval.json, SRCNN_X2_MODEL_CARD.md)."""
-    from vdsr.release import release_files
-
-    files = release_files(kind, scale)
-    return files.model, files.eval, files.card
-
-
 def shipped_releases(root: Path = ROOT) -> list[Release]:
     """The releases present under ``root/pretrained``, SRCNN first (the paper's column order): for
-    each kind the model for all scales, then the per-scale ones by scale (:func:`release_names`)."""
+    each kind the model for all scales, then the per-scale ones by scale (:func:`vdsr.release.release_files`)."""
+    from vdsr.release import SCALES, release_files
+
     folder = root / "pretrained"
     releases = []
     for kind in ("srcnn", "vdsr"):
-        for scale in (None, *PER_SCALE.get(kind, ())):
-            model, scores, card = release_names(kind, scale)
-            releases.append(Release(kind, folder / model, folder / scores, folder / card, scale))
+        for scale in (None, *(SCALES if kind in PER_SCALE else ())):
+            files = release_files(kind, scale)
+            releases.append(Release(kind, folder / files.model, folder / files.eval, folder / files.card, scale))
     return [release for release in releases if release.weights.is_file()]
 
 
@@ -93,6 +86,8 @@ def sources(releases: list[Release]) -> list[Source]:
     """The model columns of ``releases`` in their order: each release for all scales alone, each
     kind's per-scale releases together as "<kind> (one per scale)"; a kind's release for all scales
     is labelled "<kind> (one for x2-x4)" (its scales) when the per-scale column is there too."""
+    from vdsr.release import SCALES
+
     groups: dict[tuple[str, bool], list[Release]] = {}
     for release in releases:
         groups.setdefault((release.kind, release.scale is not None), []).append(release)
@@ -101,19 +96,11 @@ def sources(releases: list[Release]) -> list[Source]:
         if per_scale:
             label = f"{kind} (one per scale)"
         elif (kind, True) in groups:
-            label = f"{kind} (one for {_span(release_scores(members[0])['model'])})"
+            label = f"{kind} (one for x{SCALES[0]}-x{SCALES[-1]})"  # release_files' scales: no second read
         else:
             label = kind
         found.append(Source(label, kind, tuple(members)))
     return found
-
-
-def _span(table: paper.Table) -> str:
-    """The scales of ``table`` as text: "x2-x4" when consecutive, else "x2, x4"."""
-    scales = sorted({int(key[1:]) for by_scale in table.values() for key in by_scale})
-    if len(scales) > 2 and scales == list(range(scales[0], scales[-1] + 1)):
-        return f"x{scales[0]}-x{scales[-1]}"
-    return ", ".join(f"x{scale}" for scale in scales)
 
 
 def recorded_sha256(release: Release, scores: dict[str, Any]) -> str | None:
@@ -196,10 +183,12 @@ def report_text(releases: list[Release]) -> str:
                                     f"`{sha256_file(r.weights)[:16]}...`), scores from `{_relative(r.scores)}`")
     missing = [kind for kind in ("srcnn", "vdsr") if kind not in {r.kind for r in releases}]
     partial = []
-    for kind, scales in PER_SCALE.items():
+    from vdsr.release import SCALES, release_files
+
+    for kind in PER_SCALE:
         shipped = {r.scale for r in releases if r.kind == kind and r.scale is not None}
-        if shipped and set(scales) - shipped:
-            names = ", ".join(f"`pretrained/{release_names(kind, s)[0]}`" for s in scales if s not in shipped)
+        if shipped and set(SCALES) - shipped:
+            names = ", ".join(f"`pretrained/{release_files(kind, s).model}`" for s in SCALES if s not in shipped)
             partial.append(f"Not shipped yet: {names} (the \"{kind} (one per scale)\" column shows – there).")
     lines = [
         "# Table 3 of the paper, from the shipped models",
