@@ -10,6 +10,10 @@ fp32; the released weights' own score is the first row.
 
     python bench/restart.py --peaks 1e-3 4e-4 1.5e-4 --steps 1000 --json out/restart.json
 
+``--loss``, ``--batch-size`` and ``--patches`` (another prepared folder's ``train.h5``: larger
+patches, say; validation stays ``--data``'s) vary the recipe beyond the peak; for equal budgets
+keep steps x batch x patch side^2 (pixels seen) the same.
+
 A short cycle ranks how much a restart at a given peak disturbs and regains; it does not tell the
 final value of a long one (a higher peak needs more steps to pay off), so read it as a bound.
 """
@@ -40,16 +44,25 @@ def main() -> None:
     parser.add_argument("--peaks", type=float, nargs="+", default=[1e-3, 4e-4, 1.5e-4], help="peak learning rates")
     parser.add_argument("--steps", type=int, default=1000, help="steps of each pilot (two halves)")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="val.h5 (and train.h5)")
+    parser.add_argument("--patches", type=Path, help="train.h5 from this prepared folder instead of --data's")
+    parser.add_argument("--loss", choices=("l1", "l2", "mse"), help="instead of the preset's")
+    parser.add_argument("--batch-size", type=int, help="instead of the preset's")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    patches = load_patches(args.data / "train.h5")
+    train_dir = args.patches or args.data
+    if args.patches is not None and sha256_file(args.patches / "val.h5") != sha256_file(args.data / "val.h5"):
+        parser.error(f"{args.patches / 'val.h5'} differs from {args.data / 'val.h5'}: pilots validate on one set")
+    patches = load_patches(train_dir / "train.h5")
     validation = load_validation(args.data / "val.h5")
-    data_id = f"{sha256_file(args.data / 'train.h5')}+{sha256_file(args.data / 'val.h5')}"
+    data_id = f"{sha256_file(train_dir / 'train.h5')}+{sha256_file(args.data / 'val.h5')}"
     runtime = resolve_runtime(torch.device("cpu"), "auto", channels_last=True)
     base = preset_recipe(args.preset)
+    varied = {"loss": args.loss, "batch_size": args.batch_size}
+    base = dataclasses.replace(base, **{key: value for key, value in varied.items() if value is not None})
+    label = ", ".join([f"{base.loss}", f"batch {base.batch_size}", f"{patches.hr.shape[-1]}px patches"])
     shipped = validate(read_trained(args.model).model, validation, torch.device("cpu"))
     rows = [{"name": "shipped", "peak_lr": None, "steps": 0, "val": shipped, "val_raw": shipped}]
     print(f"shipped: {shipped}", flush=True)
@@ -59,12 +72,12 @@ def main() -> None:
                                      min_lr=min(base.min_lr, peak))
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = Path(tmp) / "last.pt"
-            warm_start(args.model, checkpoint, args.data, new_cycle=recipe)
+            warm_start(args.model, checkpoint, train_dir, new_cycle=recipe)
             started = time.perf_counter()
             result = train(patches.lr, patches.hr, validation, read_trained(args.model).config, recipe,
                            runtime=runtime, checkpoint_path=checkpoint, data_id=data_id, progress=False)
         for row in result.history:
-            rows.append({"name": f"peak {peak:g}", "peak_lr": peak, "steps": int(row["epoch"]) * half,
+            rows.append({"name": f"peak {peak:g}, {label}", "peak_lr": peak, "steps": int(row["epoch"]) * half,
                          "val": {s: row[f"val_psnr_x{s}"] for s in validation},
                          "val_raw": {s: row.get(f"val_psnr_raw_x{s}", row[f"val_psnr_x{s}"]) for s in validation},
                          "seconds": round(time.perf_counter() - started, 1)})

@@ -22,6 +22,7 @@ from vdsr.evaluate import evaluate_folder, summary
 from vdsr.models import ModelConfig, load_model
 from vdsr.train import TrainConfig, train
 from vdsr.inference import model_upscaler
+from vdsr.io import sha256_file
 
 from test_train import prepared_set5_dir, tiny_set5_arrays  # noqa: F401  (fixtures: Set5 patches)
 
@@ -161,6 +162,13 @@ def test_warm_start_refuses_other_data(tiny_training, set5_dir: Path, tmp_path: 
     with pytest.raises(ValueError, match="was trained on d; a warm start needs the same prepared data"):
         release.warm_start(out / release.MODEL_FILE, tmp_path / "last.pt", prepared)
     assert not (tmp_path / "last.pt").exists()
+
+    # A new cycle is a new training: it may read other prepared data (larger patches, say). Its
+    # checkpoint is for that data, and the chain keeps the data of the cycle it continues.
+    release.warm_start(out / release.MODEL_FILE, tmp_path / "last.pt", prepared, new_cycle=QUICK)
+    payload = load_checkpoint(tmp_path / "last.pt")
+    assert payload["data_id"] == f"{sha256_file(prepared / 'train.h5')}+{sha256_file(prepared / 'val.h5')}"
+    assert payload["extra"]["earlier"][-1]["data_id"] == "d"
 
 
 def test_publish_names_a_file_it_cannot_read(tmp_path: Path, capsys) -> None:

@@ -342,8 +342,11 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
     2017) whose checkpoint carries the released training's record as ``extra["earlier"]`` (recipe,
     history, time, MLflow runs), so the next card shows the whole chain.
 
-    ``prepared``: the folder of ``train.h5`` and ``val.h5``; when given, they must be the data the
-    release was trained on (else training would ignore the checkpoint and start from scratch).
+    ``prepared``: the folder of ``train.h5`` and ``val.h5`` that training will read. Without
+    ``new_cycle`` they must be the data the release was trained on (else training would ignore the
+    checkpoint and start from scratch). A new cycle may train on other prepared data (larger
+    patches, say): its checkpoint is for that data, and the chain records each cycle's
+    (``extra["earlier"][i]["data_id"]``).
     """
     from vdsr.train import TrainConfig, make_optimizer
 
@@ -354,9 +357,12 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
         raise ValueError(f"{model_path}: a finished training ({trained.progress()}), "
                          "nothing to continue; `make release-cpu` trains the recipe again from scratch, and "
                          "`make release-cpu-v2` trains on from it with a new schedule")
+    data_id = trained.data_id
     if prepared is not None:
         here = f"{sha256_file(prepared / 'train.h5')}+{sha256_file(prepared / 'val.h5')}"
-        if here != trained.data_id:
+        if new_cycle is not None:
+            data_id = here
+        elif here != trained.data_id:
             raise ValueError(f"{prepared}: train.h5+val.h5 are {here}, but {model_path} was trained on "
                              f"{trained.data_id}; a warm start needs the same prepared data")
     sha256 = sha256_file(model_path)
@@ -374,6 +380,7 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
         earlier = {"from": str(model_path.name), "sha256": sha256, "train_config": trained.train_config,
                    "epoch": trained.position.epoch, "step": trained.position.step,
                    "elapsed_s": trained.position.elapsed_s, "steps_per_epoch": trained.steps_per_epoch,
+                   "data_id": trained.data_id,
                    "history": trained.history, "mlflow_runs": trained.extra.get("mlflow_runs", []),
                    "warm_starts": trained.extra.get("warm_starts", [])}
         extra = {"earlier": [*trained.extra.get("earlier", []), earlier],
@@ -382,7 +389,7 @@ def warm_start(model_path: Path, checkpoint_path: Path, prepared: Path | None = 
         extra["warm_starts"] = [extra["warm_start"]]
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint_path, model=trained.model, optimizer=make_optimizer(trained.model, config, torch.device("cpu")),
-                    model_config=trained.config, config=config, data_id=trained.data_id, position=position,
+                    model_config=trained.config, config=config, data_id=data_id, position=position,
                     history=history, extra=extra,  # a new cycle's recipe counts its own steps:
                     steps_per_epoch=trained.recorded_steps if new_cycle is None else None)
     log.info("warm start: wrote %s from %s at %s (fresh optimizer%s)", checkpoint_path, model_path, trained.position,
