@@ -197,7 +197,10 @@ def check_dvc(argv: list[str]) -> None:
 
 
 def makefile_targets() -> set[str]:
-    return set(re.findall(r"^([A-Za-z0-9_-]+):", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE))
+    """The Makefile's rule targets (``a b:`` names both; ``X :=``/``X ?=`` assignments are not rules)."""
+    rules = re.findall(r"^([A-Za-z0-9_-]+(?: +[A-Za-z0-9_-]+)*) *:(?!=)", (REPO_ROOT / "Makefile").read_text(),
+                       re.MULTILINE)
+    return {target for rule in rules for target in rule.split()}
 
 
 def check_command(command: Command, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -103,3 +103,16 @@ def test_evaluate_writes_the_metrics_file_dvc_yaml_declares() -> None:
         sys.path.remove(str(REPO_ROOT / "stages"))
         sys.modules.pop("evaluate_stage", None)
     assert declared == {stage.ModelPaths("${key}").eval_metrics.as_posix(): {"cache": False}}, declared
+
+
+def test_every_shipped_model_is_a_declared_artifact() -> None:
+    """dvc.yaml's ``artifacts:`` (DVC's model registry) names every weights file in ``pretrained/``,
+    each as a ``model`` with the card beside it, and nothing that is not there."""
+    artifacts = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["artifacts"]
+    declared = {spec["path"] for spec in artifacts.values()}
+    shipped = {f"pretrained/{p.name}" for p in (REPO_ROOT / "pretrained").glob("*.pt")}
+    assert declared == shipped
+    for name, spec in artifacts.items():
+        assert spec["type"] == "model" and "released" in spec["labels"], name
+        card = spec["desc"].split("(")[-1].split(")")[0].split(":")[0]
+        assert (REPO_ROOT / card).is_file() and card.endswith("MODEL_CARD.md"), (name, card)

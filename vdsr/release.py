@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     warm = commands.add_parser("warm-start", help="a training checkpoint from the released weights")
     warm.add_argument("--model", type=Path, default=RELEASE_DIR / MODEL_FILE)
     warm.add_argument("--to", type=Path, default=Path("checkpoints/vdsr/last.pt"))
-    warm.add_argument("--data", type=Path, help="folder of train.h5 and val.h5 to check against the release's")
+    warm.add_argument("--data", type=Path, help="folder of train.h5 and val.h5: checked against the release's, or with "
+                      "--new-cycle the data the new cycle trains on (recorded in its chain)")
     warm.add_argument("--new-cycle", metavar="PRESET",
                       help="start this preset's recipe (params.yaml + presets/PRESET.yaml) from step 0 with the "
                            "released weights, instead of finishing the release's own recipe")
