@@ -87,7 +87,7 @@ release-srcnn-per-scale:
 # RELEASE_SETS="Set5 Set14 B100" skips Urban100's ~40 minutes on a 2-core CPU.
 RELEASE_FROM ?= checkpoints/vdsr/last.pt
 RELEASE_SETS ?= Set5 Set14 B100 Urban100
-RELEASE_PRESET ?= release-cpu-v2
+RELEASE_PRESET ?= release-cpu-v3
 RELEASE_SCALE ?=
 RELEASE_WEIGHTS ?= output
 release-publish:
