@@ -48,8 +48,8 @@ release-cpu-continue:
 		"from scratch (it is moved aside)." >&2; exit 1; }
 
 # The second CPU release: a new cosine cycle (presets/release-cpu-v2.yaml) from the shipped weights,
-# with their moving average; the checkpoint is written once from pretrained/vdsr.pt (data checked),
-# then the same command resumes it. VDSR's training only: `make release-publish` evaluates it.
+# with their moving average; the checkpoint is written once from pretrained/vdsr.pt, for the data in
+# data/prepared (recorded in the release's chain), then the same command resumes it. VDSR's training only: `make release-publish` evaluates it.
 # The third (presets/release-cpu-v3.yaml: MSE at a low peak) is made the same way from the second.
 release-cpu-v2 release-cpu-v3:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
