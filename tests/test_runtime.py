@@ -132,9 +132,10 @@ def test_bf16_learns_like_fp32(set5_x2_arrays, set5_dir):
         trained = evaluate.evaluate_images(images, [2], model_upscaler(result.model, CPU))["x2"]["psnr"]
         gains[name] = trained - bicubic
     assert gains["fp32"] > 0.1, gains
-    # within a quarter of fp32's gain: bf16 rounds differently where it is native (AVX-512 BF16: a gap
-    # under 0.03 dB seen) and where oneDNN emulates it (AVX2: 0.12 of 0.78 dB after these 3 short epochs)
-    assert abs(gains["bf16-channels_last"] - gains["fp32"]) < 0.25 * gains["fp32"], gains
+    # within a third of fp32's gain: bf16 rounds differently where it is native (AVX-512 BF16 on AMD: a
+    # gap under 0.03 dB seen; AMX on an Intel Xeon: 0.19 of 0.77 dB) and where oneDNN emulates it (AVX2:
+    # 0.12 of 0.78 dB) after these 3 short epochs of a 5-layer model; a bf16 that breaks learning fails
+    assert abs(gains["bf16-channels_last"] - gains["fp32"]) < gains["fp32"] / 3, gains
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
