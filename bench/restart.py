@@ -52,12 +52,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    train_dir = args.patches or args.data
-    if args.patches is not None and sha256_file(args.patches / "val.h5") != sha256_file(args.data / "val.h5"):
+    train_dir, val_sha256 = args.patches or args.data, sha256_file(args.data / "val.h5")
+    if args.patches is not None and sha256_file(args.patches / "val.h5") != val_sha256:
         parser.error(f"{args.patches / 'val.h5'} differs from {args.data / 'val.h5'}: pilots validate on one set")
     patches = load_patches(train_dir / "train.h5")
     validation = load_validation(args.data / "val.h5")
-    data_id = f"{sha256_file(train_dir / 'train.h5')}+{sha256_file(args.data / 'val.h5')}"
+    data_id = f"{sha256_file(train_dir / 'train.h5')}+{val_sha256}"
     runtime = resolve_runtime(torch.device("cpu"), "auto", channels_last=True)
     base = preset_recipe(args.preset)
     varied = {"loss": args.loss, "batch_size": args.batch_size}

@@ -112,7 +112,10 @@ def test_every_shipped_model_is_a_declared_artifact() -> None:
     declared = {spec["path"] for spec in artifacts.values()}
     shipped = {f"pretrained/{p.name}" for p in (REPO_ROOT / "pretrained").glob("*.pt")}
     assert declared == shipped
+    from vdsr.release import release_files
+
     for name, spec in artifacts.items():
         assert spec["type"] == "model" and "released" in spec["labels"], name
-        card = spec["desc"].split("(")[-1].split(")")[0].split(":")[0]
-        assert (REPO_ROOT / card).is_file() and card.endswith("MODEL_CARD.md"), (name, card)
+        kind, _, scale = Path(spec["path"]).stem.partition("_x")  # srcnn_x2.pt: srcnn at x2
+        card = f"pretrained/{release_files(kind, int(scale) if scale else None).card}"
+        assert card in spec["desc"] and (REPO_ROOT / card).is_file(), (name, card)
