@@ -10,9 +10,10 @@ fp32; the released weights' own score is the first row.
 
     python bench/restart.py --peaks 1e-3 4e-4 1.5e-4 --steps 1000 --json out/restart.json
 
-``--loss``, ``--batch-size`` and ``--patches`` (another prepared folder's ``train.h5``: larger
-patches, say; validation stays ``--data``'s) vary the recipe beyond the peak; for equal budgets
-keep steps x batch x patch side^2 (pixels seen) the same.
+``--loss``, ``--batch-size``, ``--precision`` and ``--patches`` (another prepared folder's
+``train.h5``: larger patches, say; validation stays ``--data``'s) vary the recipe beyond the peak;
+for equal budgets keep steps x batch x patch side^2 (pixels seen) the same. Validation is exact
+fp32 whatever ``--precision`` trains in.
 
 A short cycle ranks how much a restart at a given peak disturbs and regains; it does not tell the
 final value of a long one (a higher peak needs more steps to pay off), so read it as a bound.
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--patches", type=Path, help="train.h5 from this prepared folder instead of --data's")
     parser.add_argument("--loss", choices=("l1", "l2", "mse"), help="instead of the preset's")
     parser.add_argument("--batch-size", type=int, help="instead of the preset's")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="training arithmetic (auto: bf16 where native); validation is always exact fp32")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -58,11 +61,12 @@ def main() -> None:
     patches = load_patches(train_dir / "train.h5")
     validation = load_validation(args.data / "val.h5")
     data_id = f"{sha256_file(train_dir / 'train.h5')}+{val_sha256}"
-    runtime = resolve_runtime(torch.device("cpu"), "auto", channels_last=True)
+    runtime = resolve_runtime(torch.device("cpu"), args.precision, channels_last=True)
     base = preset_recipe(args.preset)
     varied = {"loss": args.loss, "batch_size": args.batch_size}
     base = dataclasses.replace(base, **{key: value for key, value in varied.items() if value is not None})
-    label = ", ".join([f"{base.loss}", f"batch {base.batch_size}", f"{patches.hr.shape[-1]}px patches"])
+    label = ", ".join([f"{base.loss}", f"batch {base.batch_size}", f"{patches.hr.shape[-1]}px patches",
+                       runtime.precision])
     shipped = validate(read_trained(args.model).model, validation, torch.device("cpu"))
     rows = [{"name": "shipped", "peak_lr": None, "steps": 0, "val": shipped, "val_raw": shipped}]
     print(f"shipped: {shipped}", flush=True)
