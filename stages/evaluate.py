@@ -33,6 +33,7 @@ from vdsr.images import ImageError
 from vdsr.inference import DEFAULT_TILE, model_upscaler, self_ensemble
 from vdsr.io import error_message, write_json_atomic
 from vdsr.models import ModelFileError, load_model, resolve_device
+from vdsr.runtime import keep_freed_memory
 
 DEVICE = "auto"  # cuda when present; evaluation runs in float32 either way
 TILE = DEFAULT_TILE  # network input tiles of 512 px (+ receptive-field margin): bounded memory, same output
@@ -72,6 +73,7 @@ def main(argv: list[str]) -> int:
         print(f"evaluate: error: usage: python stages/evaluate.py <name of a train section>, got {argv}",
               file=sys.stderr)
         return 2
+    keep_freed_memory()  # a third less time per whole-image pass (vdsr.runtime)
     try:
         evaluate_stage(ModelPaths(argv[0]))
     except (ParamsError, ImageError, ModelFileError, ValueError, OSError) as error:  # OSError: disk full, read-only folder...

@@ -44,7 +44,7 @@ from vdsr.io import error_message, sha256_file
 from vdsr.models import ModelFileError, build_model, count_parameters, receptive_field
 from vdsr.prepare import load_patches, load_validation, patch_size_of
 from vdsr.recipe import TrainParams, load_model_section
-from vdsr.runtime import Runtime, resolve_runtime
+from vdsr.runtime import Runtime, keep_freed_memory, resolve_runtime
 from vdsr.train import StopRequest, TrainingInterrupted, TrainResult, train
 from vdsr.train_record import train_and_record
 
@@ -60,6 +60,7 @@ def main(argv: list[str]) -> int:
         print(f"train: error: usage: python stages/train.py <name of a train section>, got {argv}", file=sys.stderr)
         return 2
     relaunch_under_torchrun_if_asked(os.environ, sys.argv)
+    keep_freed_memory()  # validation's whole-image passes without page faults (vdsr.runtime)
     world = torchrun_world(os.environ)
     # Rank 0 speaks for all; the other processes report only warnings and errors.
     prefix = f"rank {world.rank}: " if world.rank else ""

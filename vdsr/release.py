@@ -58,6 +58,7 @@ from vdsr.checkpoints import (  # Trained, read_trained: re-exported, the releas
 )
 from vdsr.io import error_message, sha256_file, write_json_atomic
 from vdsr.models import MODELS
+from vdsr.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
     from vdsr.recipe import TrainConfig
@@ -451,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                            "released weights, instead of finishing the release's own recipe")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    keep_freed_memory()  # evaluation: a third less time per whole-image pass
     try:
         if args.command == "publish":
             publish(args.source, args.workspace, args.out, args.sets, force=args.force, preset=args.preset or None,
