@@ -25,6 +25,19 @@ def shared_datasets() -> Path:
     return SHARED_DATASETS
 
 
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved random VDSR of depth 3, width 4 (test_upscale.tiny_model): for runs whose model
+    does not matter, only that one is loaded and applied."""
+    from test_upscale import tiny_model
+
+    from vdsr.models import ModelConfig, save_model
+
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(path, tiny_model(), ModelConfig("vdsr", 3, 4), {"note": "test"})
+    return path
+
+
 @pytest.fixture(scope="session")
 def set5_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) -> Path:
     """Set5 under its canonical names (baby, bird, ...), as the download stage lays it out."""

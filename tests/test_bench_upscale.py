@@ -10,9 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_upscale import tiny_model
-
-from vdsr.models import ModelConfig, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "upscale.py"
@@ -22,13 +19,6 @@ def run_bench(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(SCRIPT), *options], check=False, cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, tiny_model(), ModelConfig("vdsr", 3, 4), {"note": "test"})
-    return path
 
 
 def test_a_tiny_run_writes_the_summary(tmp_path: Path, tiny_file: Path, set5_dir: Path) -> None:
