@@ -12,7 +12,7 @@ DATA_MIRROR := $(or $(VDSR_DATA_MIRROR),$(wildcard $(abspath ../shared/datasets)
 DATA_MIRROR := $(if $(wildcard $(DATA_MIRROR)),$(abspath $(DATA_MIRROR)),$(DATA_MIRROR))
 SMOKE_NAME := $(or $(SMOKE_NAME),smoke-$(shell date +%Y%m%d-%H%M%S))
 
-.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-cpu-v3 release-srcnn release-srcnn-per-scale release-publish paper-check table3 test bench
+.PHONY: smoke release-cpu release-cpu-continue release-cpu-v2 release-cpu-v3 release-cpu-v4 release-srcnn release-srcnn-per-scale release-publish paper-check table3 test bench
 
 # `--temp`: the experiment runs in a copy under .dvc/tmp/exps/, so params.yaml, dvc.lock and the
 # outputs in the workspace stay as they were; its results are kept as experiment $(SMOKE_NAME).
@@ -50,8 +50,9 @@ release-cpu-continue:
 # The second CPU release: a new cosine cycle (presets/release-cpu-v2.yaml) from the shipped weights,
 # with their moving average; the checkpoint is written once from pretrained/vdsr.pt, for the data in
 # data/prepared (recorded in the release's chain), then the same command resumes it. VDSR's training only: `make release-publish` evaluates it.
-# The third (presets/release-cpu-v3.yaml: MSE at a low peak) is made the same way from the second.
-release-cpu-v2 release-cpu-v3:
+# The third (presets/release-cpu-v3.yaml: MSE at a low peak) is made the same way from the second,
+# the fourth (release-cpu-v4.yaml: MSE at three times that peak) from the third.
+release-cpu-v2 release-cpu-v3 release-cpu-v4:
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc repro prepare
 	test -e checkpoints/vdsr/last.pt || $(PYTHON) -m vdsr.release warm-start --new-cycle $@ --to checkpoints/vdsr/last.pt --data data/prepared
 	$(if $(DATA_MIRROR),VDSR_DATA_MIRROR="$(DATA_MIRROR)") dvc exp run -n $@ \
